@@ -1,0 +1,445 @@
+"""ParameterNet-LLaMA: LLaMA whose FFN projections are Switch-routed (top-1) expert banks.
+
+Each routed projection holds E expert matrices and a float32 router; every token uses one expert, so
+the FLOPs stay those of the dense LLaMA while the projection's parameters grow E-fold
+(Han et al., "ParameterNet: Parameters Are All You Need", arXiv 2306.14525). Capacity and the
+auxiliary losses follow Switch Transformer (Fedus et al. 2021).
+
+Self-contained (imports only torch, transformers and the configuration file) because it is copied
+into every saved checkpoint and loaded with `trust_remote_code=True`.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils import can_return_tuple
+
+from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
+
+
+class Routing(NamedTuple):
+    """What one routed linear's last forward decided, for the losses and for logging."""
+
+    router_logits: torch.Tensor  # [T, E] float32, every token (padding included)
+    aux_loss: torch.Tensor  # Switch load-balancing loss over valid tokens
+    z_loss: torch.Tensor  # router z-loss over valid tokens
+    expert_load: torch.Tensor  # [E] share of valid tokens whose top-1 is each expert (before dropping)
+    dropped_fraction: torch.Tensor  # share of valid tokens dropped by capacity
+
+
+def capacity_keep(expert, valid, num_experts, capacity_factor, min_capacity):
+    """Tokens that fit their expert's capacity: C = max(min_capacity, ceil(factor * T_valid / E)).
+
+    Valid tokens claim slots in token order; padding claims none. `capacity_factor=None` keeps every
+    valid token. Sync-free: C stays a tensor.
+    """
+    if capacity_factor is None:
+        return valid
+    claims = F.one_hot(expert, num_experts) * valid.unsqueeze(1)
+    position = claims.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1
+    num_valid = valid.sum(dtype=torch.float64)
+    capacity = torch.clamp((capacity_factor * num_valid / num_experts).ceil(), min=min_capacity)
+    return valid & (position < capacity)
+
+
+def routing_losses(logits, probs, expert, valid):
+    """Switch load-balancing loss, router z-loss and expert load over the valid tokens."""
+    num_experts = logits.shape[-1]
+    weight = valid.to(logits.dtype)
+    num_valid = weight.sum().clamp(min=1)
+    tokens_per_expert = (F.one_hot(expert, num_experts).to(logits.dtype) * weight.unsqueeze(1)).sum(0) / num_valid
+    mean_probs = (probs * weight.unsqueeze(1)).sum(0) / num_valid
+    aux_loss = num_experts * (tokens_per_expert * mean_probs).sum()
+    z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / num_valid
+    return aux_loss, z_loss, tokens_per_expert.detach()
+
+
+def loop_experts(x, weight, bias, expert, keep):
+    """Reference dispatch: one matmul per expert over its kept tokens; dropped tokens get 0."""
+    out = x.new_zeros(x.shape[0], weight.shape[1])
+    for e in range(weight.shape[0]):
+        index = torch.nonzero(keep & (expert == e)).squeeze(1)
+        if index.numel():
+            out.index_copy_(0, index, F.linear(x[index], weight[e], None if bias is None else bias[e]))
+    return out
+
+
+def grouped_mm_experts(x, weight, bias, expert, keep):
+    """Sorted dispatch through one `grouped_mm`, without host synchronisation.
+
+    Dropped tokens sort into a trailing group past the last offset, which grouped_mm leaves
+    uninitialised in the output and in the input gradient; both are masked to 0.
+    """
+    num_experts = weight.shape[0]
+    group = torch.where(keep, expert, num_experts)
+    order = torch.argsort(group, stable=True)
+    group_sorted = group[order]
+    kept_sorted = (group_sorted < num_experts).unsqueeze(1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device).scatter_add_(
+        0, group, torch.ones_like(group)
+    )
+    offsets = counts[:num_experts].cumsum(0).to(torch.int32)
+    x_sorted = torch.where(kept_sorted, x[order], 0)
+    out_sorted = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)
+    if bias is not None:
+        out_sorted = out_sorted + bias[group_sorted.clamp(max=num_experts - 1)]
+    out_sorted = torch.where(kept_sorted, out_sorted, 0)
+    return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+
+
+EXPERT_BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts}
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `grouped_mm` runs these operands: 16-byte aligned rows, and bf16 on CUDA."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    row_bytes = x.element_size()
+    if (weight.shape[1] * row_bytes) % 16 or (weight.shape[2] * row_bytes) % 16:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+class RoutedLinear(nn.Module):
+    """A linear layer made of `num_experts` matrices, each token using the top-1 of a float32 router.
+
+    Parameters: `router.weight` [E, in] and `weight` [E, out, in] (and `bias` [E, out] if asked).
+    The output for a token is p * (W_e x + b_e), p the router probability of its expert e; padding
+    and tokens past their expert's capacity get 0. After each forward, `routing` holds the router
+    logits, the losses and the load statistics.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_experts: int,
+        bias: bool = False,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 4,
+        jitter_noise: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if backend != "auto" and backend not in EXPERT_BACKENDS:
+            raise ValueError(f"Unknown expert backend {backend!r}: expected 'auto' or one of {list(EXPERT_BACKENDS)}.")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.jitter_noise = jitter_noise
+        self.backend = backend
+        self.router = nn.Linear(in_features, num_experts, bias=False)
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
+        self.routing: Routing | None = None
+        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"bias={self.bias is not None}, backend={self.backend}"
+        )
+
+    def expert_backend(self, x: torch.Tensor):
+        if self.backend == "auto":
+            return grouped_mm_experts if grouped_mm_supported(x, self.weight) else loop_experts
+        return EXPERT_BACKENDS[self.backend]
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` [..., in]; `token_mask` [...] with 1 for real tokens and 0 for padding (None = all real)."""
+        leading_shape = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if token_mask is None:
+            valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        else:
+            valid = token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+
+        router_input = x
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            router_input = x * noise
+        logits = F.linear(router_input.float(), self.router.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_prob, expert = probs.max(dim=-1)
+
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        keep = capacity_keep(expert, valid, self.num_experts, factor, self.min_capacity)
+        out = self.expert_backend(x)(x, self.weight, self.bias, expert, keep)
+        out = out * top_prob.to(out.dtype).unsqueeze(1)
+
+        aux_loss, z_loss, expert_load = routing_losses(logits, probs, expert, valid)
+        dropped = (valid & ~keep).sum() / valid.sum().clamp(min=1)
+        self.routing = Routing(logits, aux_loss, z_loss, expert_load, dropped.detach())
+        return out.reshape(*leading_shape, self.out_features)
+
+
+class ParameterNetLlamaMLP(nn.Module):
+    """LLaMA's SwiGLU MLP whose configured projections are RoutedLinear expert banks."""
+
+    def __init__(self, config: ParameterNetLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        shapes = {
+            "gate_proj": (config.hidden_size, config.intermediate_size),
+            "up_proj": (config.hidden_size, config.intermediate_size),
+            "down_proj": (config.intermediate_size, config.hidden_size),
+        }
+        self.routed_projections = [name for name in MOE_PROJECTIONS if config.is_routed(layer_idx, name)]
+        for name, (in_features, out_features) in shapes.items():
+            if name in self.routed_projections:
+                projection = RoutedLinear(
+                    in_features,
+                    out_features,
+                    config.num_experts,
+                    bias=config.mlp_bias,
+                    capacity_factor=config.capacity_factor,
+                    eval_capacity_factor=config.eval_capacity_factor,
+                    min_capacity=config.min_capacity,
+                    jitter_noise=config.router_jitter_noise,
+                    backend=config.moe_backend,
+                )
+            else:
+                projection = nn.Linear(in_features, out_features, bias=config.mlp_bias)
+            setattr(self, name, projection)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def project(self, name: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        projection = getattr(self, name)
+        return projection(x, token_mask) if name in self.routed_projections else projection(x)
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.act_fn(self.project("gate_proj", x, token_mask)) * self.project("up_proj", x, token_mask)
+        return self.project("down_proj", hidden, token_mask)
+
+
+class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
+    """LLaMA decoder layer whose MLP receives the padding mask, so padding is never routed."""
+
+    def __init__(self, config: ParameterNetLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = ParameterNetLlamaMLP(config, layer_idx)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, routing_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states), routing_mask)
+        return residual + hidden_states
+
+
+@dataclass
+class ParameterNetModelOutputWithPast(BaseModelOutputWithPast):
+    """LLaMA's base output plus the router losses (means over routed linears) and, if asked, logits."""
+
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ParameterNetCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """LLaMA's causal-LM output plus the language-model loss alone and the router losses."""
+
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = ParameterNetLlamaConfig
+    config: ParameterNetLlamaConfig
+    _no_split_modules = ["ParameterNetLlamaDecoderLayer"]
+    _can_record_outputs = {"hidden_states": ParameterNetLlamaDecoderLayer, "attentions": LlamaAttention}
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RoutedLinear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def routed_linears(self) -> dict[str, RoutedLinear]:
+        """Every routed linear by its module name, in forward order."""
+        return {name: module for name, module in self.named_modules() if isinstance(module, RoutedLinear)}
+
+    def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per routed linear, from the last forward: `load` [E] (share of valid tokens per expert,
+        1/E each when balanced) and `dropped` (share of valid tokens dropped by capacity)."""
+        return {
+            name: {"load": module.routing.expert_load, "dropped": module.routing.dropped_fraction}
+            for name, module in self.routed_linears().items()
+            if module.routing is not None
+        }
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Non-reentrant checkpointing only: reentrant replays would cut the router losses' gradients."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError(
+                "ParameterNet-LLaMA needs gradient_checkpointing_kwargs={'use_reentrant': False}: the router "
+                "losses are read during the forward, which reentrant checkpointing runs without gradients."
+            )
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses checkpoints lacking expert or router tensors."""
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        routed_names = model.routed_linears()
+        missing = sorted(
+            key
+            for key in loading_info["missing_keys"]
+            if key.rsplit(".", 1)[0] in routed_names or key.rsplit(".", 2)[0] in routed_names
+        )
+        if missing:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise ValueError(
+                f"Checkpoint {source} lacks {len(missing)} expert/router tensor(s) of {cls.__name__}: {shown}. "
+                "Refusing to initialise them at random; check num_experts, moe_projections and moe_layers "
+                "against the checkpoint."
+            )
+        return (model, loading_info) if output_loading_info else model
+
+
+class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
+    """LLaMA decoder stack with routed FFN projections; returns the router losses as well."""
+
+    def __init__(self, config: ParameterNetLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        config.validate_routing()
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ParameterNetLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ParameterNetModelOutputWithPast:
+        """LlamaModel.forward; a 2D `attention_mask` also marks the padding that routing skips."""
+        routing_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            routing_mask = attention_mask[:, -new_tokens:]
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            routing_mask=routing_mask,
+            return_dict=True,
+            **kwargs,
+        )
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        routings = [module.routing for module in self.routed_linears().values()]
+        return ParameterNetModelOutputWithPast(
+            **outputs,
+            aux_loss=torch.stack([r.aux_loss for r in routings]).mean(),
+            z_loss=torch.stack([r.z_loss for r in routings]).mean(),
+            router_logits=tuple(r.router_logits for r in routings) if output_router_logits else None,
+        )
+
+
+class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCausalLM):
+    """Causal LM; with labels, loss = CE + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss."""
+
+    def __init__(self, config: ParameterNetLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = ParameterNetLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ParameterNetCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = (
+                lm_loss
+                + self.config.router_aux_loss_coef * outputs.aux_loss
+                + self.config.router_z_loss_coef * outputs.z_loss
+            )
+        model_fields = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return ParameterNetCausalLMOutputWithPast(loss=loss, lm_loss=lm_loss, logits=logits, **model_fields)
+
+
+ParameterNetLlamaModel.register_for_auto_class("AutoModel")
+ParameterNetLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "RoutedLinear",
+    "ParameterNetLlamaPreTrainedModel",
+    "ParameterNetLlamaModel",
+    "ParameterNetLlamaForCausalLM",
+]
