@@ -10,11 +10,13 @@ into every saved checkpoint and loaded with `trust_remote_code=True`.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -27,9 +29,11 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
+
+logger = logging.get_logger(__name__)
 
 
 class Routing(NamedTuple):
@@ -42,27 +46,26 @@ class Routing(NamedTuple):
     dropped_fraction: torch.Tensor  # share of valid tokens dropped by capacity
 
 
-def capacity_keep(expert, valid, num_experts, capacity_factor, min_capacity):
+def capacity_keep(chosen, expert, valid, capacity_factor, min_capacity):
     """Tokens that fit their expert's capacity: C = max(min_capacity, ceil(factor * T_valid / E)).
 
-    Valid tokens claim slots in token order; padding claims none. `capacity_factor=None` keeps every
-    valid token. Sync-free: C stays a tensor.
+    `chosen` [T, E] marks each valid token's top-1 expert. Valid tokens claim slots in token order;
+    padding claims none. `capacity_factor=None` keeps every valid token. Sync-free: C stays a tensor.
     """
     if capacity_factor is None:
         return valid
-    claims = F.one_hot(expert, num_experts) * valid.unsqueeze(1)
-    position = claims.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1
+    position = chosen.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1
     num_valid = valid.sum(dtype=torch.float64)
-    capacity = torch.clamp((capacity_factor * num_valid / num_experts).ceil(), min=min_capacity)
+    capacity = torch.clamp((capacity_factor * num_valid / chosen.shape[1]).ceil(), min=min_capacity)
     return valid & (position < capacity)
 
 
-def routing_losses(logits, probs, expert, valid):
+def routing_losses(logits, probs, chosen, valid):
     """Switch load-balancing loss, router z-loss and expert load over the valid tokens."""
     num_experts = logits.shape[-1]
     weight = valid.to(logits.dtype)
     num_valid = weight.sum().clamp(min=1)
-    tokens_per_expert = (F.one_hot(expert, num_experts).to(logits.dtype) * weight.unsqueeze(1)).sum(0) / num_valid
+    tokens_per_expert = chosen.to(logits.dtype).sum(0) / num_valid
     mean_probs = (probs * weight.unsqueeze(1)).sum(0) / num_valid
     aux_loss = num_experts * (tokens_per_expert * mean_probs).sum()
     z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / num_valid
@@ -184,12 +187,15 @@ class RoutedLinear(nn.Module):
         probs = logits.softmax(dim=-1)
         top_prob, expert = probs.max(dim=-1)
 
+        # [T, E] top-1 choices of valid tokens; a comparison, since one_hot checks its range on the host.
+        experts = torch.arange(self.num_experts, device=x.device)
+        chosen = (expert.unsqueeze(1) == experts) & valid.unsqueeze(1)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        keep = capacity_keep(expert, valid, self.num_experts, factor, self.min_capacity)
+        keep = capacity_keep(chosen, expert, valid, factor, self.min_capacity)
         out = self.expert_backend(x)(x, self.weight, self.bias, expert, keep)
         out = out * top_prob.to(out.dtype).unsqueeze(1)
 
-        aux_loss, z_loss, expert_load = routing_losses(logits, probs, expert, valid)
+        aux_loss, z_loss, expert_load = routing_losses(logits, probs, chosen, valid)
         dropped = (valid & ~keep).sum() / valid.sum().clamp(min=1)
         self.routing = Routing(logits, aux_loss, z_loss, expert_load, dropped.detach())
         return out.reshape(*leading_shape, self.out_features)
@@ -301,15 +307,16 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
             if module.routing is not None
         }
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Non-reentrant checkpointing only: reentrant replays would cut the router losses' gradients."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if kwargs["use_reentrant"]:
-            raise ValueError(
-                "ParameterNet-LLaMA needs gradient_checkpointing_kwargs={'use_reentrant': False}: the router "
-                "losses are read during the forward, which reentrant checkpointing runs without gradients."
-            )
-        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, **kwargs):
+        """Checkpoint non-reentrantly: a reentrant replay runs the forward without gradients, which would
+        cut the router losses (read during the forward) off from the router weights."""
+        keywords = getattr(gradient_checkpointing_func, "keywords", None) or {}
+        if enable and keywords.get("use_reentrant") is not False:
+            if keywords.get("use_reentrant"):
+                logger.warning_once("ParameterNet-LLaMA ignores use_reentrant=True: router losses need non-reentrant checkpointing.")
+            function = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
+            gradient_checkpointing_func = partial(function, **{**keywords, "use_reentrant": False})
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, output_loading_info=False, **kwargs):

@@ -1,0 +1,260 @@
+"""RoutedLinear against DESIGN.md's routing rules, a per-token reference and transformers' Switch losses."""
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.models.switch_transformers.modeling_switch_transformers import (
+    load_balancing_loss_func,
+    router_z_loss_func,
+)
+
+from parameternet_llm import RoutedLinear
+
+
+def reference_forward(layer: RoutedLinear, x: torch.Tensor, mask: torch.Tensor, capacity_factor):
+    """Token-by-token reading of the rules: float32 router, top-1, slots claimed in token order."""
+    num_experts = layer.num_experts
+    logits = x.float() @ layer.router.weight.float().T
+    probs = logits.softmax(-1)
+    num_valid = int(mask.sum())
+    if capacity_factor is None:
+        capacity = math.inf
+    else:
+        capacity = max(layer.min_capacity, math.ceil(capacity_factor * num_valid / num_experts))
+    claimed = [0] * num_experts
+    rows = []
+    for t in range(x.shape[0]):
+        expert = int(probs[t].argmax())
+        if not mask[t] or claimed[expert] >= capacity:
+            rows.append(torch.zeros(layer.out_features, dtype=x.dtype))
+            continue
+        claimed[expert] += 1
+        bias = layer.bias[expert] if layer.bias is not None else 0
+        rows.append(probs[t, expert].to(x.dtype) * (layer.weight[expert] @ x[t] + bias))
+    return torch.stack(rows)
+
+
+def make_layer(backend, num_experts=4, bias=False, capacity_factor=1.0, in_features=16, out_features=24, **kw):
+    layer = RoutedLinear(
+        in_features,
+        out_features,
+        num_experts,
+        bias=bias,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        min_capacity=kw.pop("min_capacity", 1),
+        backend=backend,
+        **kw,
+    )
+    with torch.no_grad():
+        layer.router.weight.normal_(std=1.0)
+        layer.weight.normal_(std=0.2)
+        if bias:
+            layer.bias.normal_(std=0.2)
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_per_token_reference(backend, capacity_factor, bias):
+    layer = make_layer(backend, bias=bias, capacity_factor=capacity_factor)
+    x = torch.randn(40, 16)
+    mask = torch.rand(40) > 0.2
+    got = layer(x, mask)
+    want = reference_forward(layer, x, mask, capacity_factor)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.all(got[~mask] == 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_grouped_mm_agrees_with_loop_outputs_and_gradients(bias, capacity_factor):
+    loop = make_layer("loop", num_experts=8, bias=bias, capacity_factor=capacity_factor, in_features=32, out_features=48)
+    grouped = make_layer("grouped_mm", num_experts=8, bias=bias, capacity_factor=capacity_factor, in_features=32, out_features=48)
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(3, 50, 32)
+    mask = torch.rand(3, 50) > 0.1
+    upstream = torch.randn(3, 50, 48)
+    results = []
+    for layer in (loop, grouped):
+        x_leaf = x.clone().requires_grad_()
+        out = layer(x_leaf, mask)
+        loss = (out * upstream).sum() + layer.routing.aux_loss + layer.routing.z_loss
+        loss.backward()
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        results.append((out, x_leaf.grad, grads))
+    (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_b, dx_a, rtol=1e-5, atol=1e-6)
+    assert set(grads_a) == set(grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.all(torch.isfinite(dx_b)) and torch.all(dx_b[~mask] == 0)
+
+
+def test_router_gets_gradient_through_top1_probability():
+    layer = make_layer("grouped_mm", capacity_factor=None)
+    layer(torch.randn(20, 16)).square().sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def one_hot_router_layer(backend, capacity_factor, min_capacity):
+    """Two experts; a token goes to expert 0 when x[0] > x[1], else to expert 1."""
+    layer = make_layer(backend, num_experts=2, capacity_factor=capacity_factor, min_capacity=min_capacity,
+                       in_features=4, out_features=4)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0]]))
+    return layer
+
+
+def tokens_for(experts):
+    x = torch.zeros(len(experts), 4)
+    for t, e in enumerate(experts):
+        x[t, e] = 1.0
+        x[t, 2] = 0.5 + t
+    return x
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_hand_computed_capacity(backend):
+    # 7 tokens, experts 0 0 1 0 0 1 0, token 1 is padding: T_valid = 6, C = ceil(1.0 * 6 / 2) = 3.
+    # Expert 0's valid tokens in order are 0, 3, 4, 6: the first three fit, token 6 is dropped.
+    layer = one_hot_router_layer(backend, capacity_factor=1.0, min_capacity=1)
+    x = tokens_for([0, 0, 1, 0, 0, 1, 0])
+    mask = torch.tensor([1, 0, 1, 1, 1, 1, 1])
+    out = layer(x, mask)
+    zero_rows = (out == 0).all(dim=1)
+    assert zero_rows.tolist() == [False, True, False, False, False, False, True]
+    assert layer.routing.dropped_fraction.item() == pytest.approx(1 / 6)
+    torch.testing.assert_close(layer.routing.expert_load, torch.tensor([4 / 6, 2 / 6]))
+
+    # min_capacity wins over a small factor: C = max(2, ceil(0.1 * 6 / 2)) = 2, tokens 4 and 6 drop.
+    layer = one_hot_router_layer(backend, capacity_factor=0.1, min_capacity=2)
+    zero_rows = (layer(x, mask) == 0).all(dim=1)
+    assert zero_rows.tolist() == [False, True, False, False, True, False, True]
+
+
+def test_capacity_uses_eval_factor_in_eval_mode():
+    layer = one_hot_router_layer("grouped_mm", capacity_factor=0.5, min_capacity=1)
+    layer.eval_capacity_factor = None
+    x = tokens_for([0, 0, 0, 0, 1, 1])
+    layer.train()
+    assert (layer(x) == 0).all(dim=1).sum() > 0
+    layer.eval()
+    assert not (layer(x) == 0).all(dim=1).any()
+    assert layer.routing.dropped_fraction.item() == 0
+
+
+def test_jitter_only_in_training_and_only_on_router_input():
+    layer = make_layer("grouped_mm", capacity_factor=None, jitter_noise=0.3)
+    x = torch.randn(64, 16)
+    clean_logits = x @ layer.router.weight.T
+
+    layer.eval()
+    out_eval = layer(x)
+    torch.testing.assert_close(layer.routing.router_logits, clean_logits)
+    torch.testing.assert_close(layer(x), out_eval)
+
+    layer.train()
+    out_train = layer(x)
+    jittered_logits = layer.routing.router_logits
+    assert not torch.allclose(jittered_logits, clean_logits)
+    # Experts saw the clean input: output = p * W_e x with p, e from the jittered router.
+    probs = jittered_logits.softmax(-1)
+    top_prob, expert = probs.max(-1)
+    expected = top_prob.unsqueeze(1) * torch.einsum("toi,ti->to", layer.weight[expert], x)
+    torch.testing.assert_close(out_train, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_losses_equal_switch_transformers_functions():
+    layer = make_layer("grouped_mm", num_experts=8, capacity_factor=1.0)
+    x = torch.randn(2, 30, 16)
+    layer(x)
+    logits = layer.routing.router_logits.unsqueeze(0)
+    probs = logits.softmax(-1)
+    expected_aux = load_balancing_loss_func(probs, probs.argmax(-1))
+    expected_z = router_z_loss_func(logits)
+    torch.testing.assert_close(layer.routing.aux_loss, expected_aux)
+    torch.testing.assert_close(layer.routing.z_loss, expected_z)
+
+
+def test_perfect_balance_gives_aux_loss_one():
+    layer = one_hot_router_layer("loop", capacity_factor=None, min_capacity=0)
+    with torch.no_grad():
+        layer.router.weight.zero_()  # uniform probabilities
+    layer(tokens_for([0, 1]))
+    assert layer.routing.aux_loss.item() == pytest.approx(1.0)
+
+
+def test_padding_stays_out_of_losses_and_statistics():
+    layer = make_layer("grouped_mm", capacity_factor=None)
+    x = torch.randn(30, 16)
+    mask = torch.rand(30) > 0.3
+    padded_out = layer(x, mask)
+    padded = layer.routing
+    valid_out = layer(x[mask])
+    valid = layer.routing
+    torch.testing.assert_close(padded_out[mask], valid_out)
+    torch.testing.assert_close(padded.aux_loss, valid.aux_loss)
+    torch.testing.assert_close(padded.z_loss, valid.z_loss)
+    torch.testing.assert_close(padded.expert_load, valid.expert_load)
+    assert padded.router_logits.shape[0] == 30
+
+
+def test_all_padding_gives_zero_output_and_finite_losses():
+    layer = make_layer("grouped_mm", capacity_factor=1.0)
+    out = layer(torch.randn(5, 16), torch.zeros(5, dtype=torch.bool))
+    assert torch.all(out == 0)
+    assert torch.isfinite(layer.routing.aux_loss) and torch.isfinite(layer.routing.z_loss)
+
+
+def test_bf16_output_dtype_and_float32_router():
+    layer = make_layer("grouped_mm").to(torch.bfloat16)
+    out = layer(torch.randn(12, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert layer.routing.router_logits.dtype == torch.float32
+
+
+def test_auto_backend_falls_back_to_loop_for_unaligned_shapes():
+    aligned = make_layer("auto", in_features=16, out_features=24)
+    unaligned = make_layer("auto", in_features=6, out_features=10)
+    x = torch.randn(4, 16)
+    assert aligned.expert_backend(x).__name__ == "grouped_mm_experts"
+    assert unaligned.expert_backend(torch.randn(4, 6)).__name__ == "loop_experts"
+    torch.testing.assert_close(unaligned(torch.randn(9, 6)).shape, torch.Size([9, 10]))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="fused"):
+        RoutedLinear(8, 8, 2, backend="fused")
+
+
+SYNCHRONISING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique2", "bincount", "item"}
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouped_mm_training_step_has_no_host_synchronising_op():
+    layer = make_layer("grouped_mm", capacity_factor=1.25, jitter_noise=0.1).train()
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    mask = torch.rand(2, 40) > 0.2
+    with RecordOps() as ops:
+        out = layer(x, mask)
+        (out.square().sum() + layer.routing.aux_loss + layer.routing.z_loss).backward()
+    assert "_grouped_mm" in ops.names or "grouped_mm" in ops.names
+    assert not ops.names & SYNCHRONISING_OPS, ops.names & SYNCHRONISING_OPS
+
+    with RecordOps() as ops:
+        make_layer("loop")(torch.randn(8, 16))
+    assert "nonzero" in ops.names  # the recorder does see synchronising ops
