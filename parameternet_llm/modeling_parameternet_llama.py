@@ -138,7 +138,7 @@ class RoutedLinear(nn.Module):
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         min_capacity: int = 4,
-        jitter_noise: float = 0.0,
+        router_jitter_noise: float = 0.0,
         backend: str = "auto",
     ):
         super().__init__()
@@ -150,7 +150,7 @@ class RoutedLinear(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
-        self.jitter_noise = jitter_noise
+        self.router_jitter_noise = router_jitter_noise
         self.backend = backend
         self.router = nn.Linear(in_features, num_experts, bias=False)
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
@@ -170,18 +170,18 @@ class RoutedLinear(nn.Module):
             return grouped_mm_experts if grouped_mm_supported(x, self.weight) else loop_experts
         return EXPERT_BACKENDS[self.backend]
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` [..., in]; `token_mask` [...] with 1 for real tokens and 0 for padding (None = all real)."""
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` [..., in]; `attention_mask` [...] with 1 for real tokens and 0 for padding (None = all real)."""
         leading_shape = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if token_mask is None:
+        if attention_mask is None:
             valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         else:
-            valid = token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+            valid = attention_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
 
         router_input = x
-        if self.training and self.jitter_noise > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        if self.training and self.router_jitter_noise > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter_noise, 1.0 + self.router_jitter_noise)
             router_input = x * noise
         logits = F.linear(router_input.float(), self.router.weight.float())
         probs = logits.softmax(dim=-1)
@@ -225,7 +225,7 @@ class ParameterNetLlamaMLP(nn.Module):
                     capacity_factor=config.capacity_factor,
                     eval_capacity_factor=config.eval_capacity_factor,
                     min_capacity=config.min_capacity,
-                    jitter_noise=config.router_jitter_noise,
+                    router_jitter_noise=config.router_jitter_noise,
                     backend=config.moe_backend,
                 )
             else:
@@ -233,13 +233,14 @@ class ParameterNetLlamaMLP(nn.Module):
             setattr(self, name, projection)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def project(self, name: str, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    def project(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         projection = getattr(self, name)
-        return projection(x, token_mask) if name in self.routed_projections else projection(x)
+        return projection(x, attention_mask) if name in self.routed_projections else projection(x)
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.act_fn(self.project("gate_proj", x, token_mask)) * self.project("up_proj", x, token_mask)
-        return self.project("down_proj", hidden, token_mask)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask` [batch, seq]: 1 for tokens to route, 0 for padding."""
+        gate = self.act_fn(self.project("gate_proj", x, attention_mask))
+        return self.project("down_proj", gate * self.project("up_proj", x, attention_mask), attention_mask)
 
 
 class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):

@@ -149,7 +149,7 @@ def test_capacity_uses_eval_factor_in_eval_mode():
 
 
 def test_jitter_only_in_training_and_only_on_router_input():
-    layer = make_layer("grouped_mm", capacity_factor=None, jitter_noise=0.3)
+    layer = make_layer("grouped_mm", capacity_factor=None, router_jitter_noise=0.3)
     x = torch.randn(64, 16)
     clean_logits = x @ layer.router.weight.T
 
@@ -246,7 +246,7 @@ class RecordOps(TorchDispatchMode):
 
 
 def test_grouped_mm_training_step_has_no_host_synchronising_op():
-    layer = make_layer("grouped_mm", capacity_factor=1.25, jitter_noise=0.1).train()
+    layer = make_layer("grouped_mm", capacity_factor=1.25, router_jitter_noise=0.1).train()
     x = torch.randn(2, 40, 16, requires_grad=True)
     mask = torch.rand(2, 40) > 0.2
     with RecordOps() as ops:
