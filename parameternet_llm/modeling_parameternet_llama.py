@@ -109,14 +109,16 @@ EXPERT_BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts}
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `grouped_mm` runs these operands: 16-byte aligned rows, and bf16 on CUDA."""
+    """Whether `grouped_mm` runs these operands: 16-byte aligned rows; on CUDA, bf16 from sm80 and
+    any float dtype from sm90 (Hopper)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    row_bytes = x.element_size()
-    if (weight.shape[1] * row_bytes) % 16 or (weight.shape[2] * row_bytes) % 16:
+    element_bytes = x.element_size()
+    if (weight.shape[1] * element_bytes) % 16 or (weight.shape[2] * element_bytes) % 16:
         return False
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        capability = torch.cuda.get_device_capability(x.device)
+        return capability >= (9, 0) or (capability >= (8, 0) and x.dtype == torch.bfloat16)
     return x.device.type == "cpu"
 
 
