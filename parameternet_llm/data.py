@@ -1,0 +1,199 @@
+"""Pretraining data: a weighted mixture of text sources, tokenised and packed into fixed-length blocks.
+
+Each source is a hub dataset streamed with `datasets` or local files (jsonl / json / parquet / txt,
+globs). Sources are interleaved with seeded probabilities, split across processes with
+`split_dataset_by_node` (so the DataLoader is not also sharded by accelerate), tokenised with EOS
+after every document and packed. The stream position (the `datasets` state plus the tokens left
+over from the last block) is saved with each checkpoint, so a resumed run reads exactly the blocks
+an uninterrupted run would have read.
+"""
+
+import glob
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import IterableDataset, concatenate_datasets, interleave_datasets, load_dataset
+from datasets.distributed import split_dataset_by_node
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message names it."""
+
+
+@dataclass
+class Source:
+    """One corpus of the mixture: local `files` (paths or globs) or a `hub` dataset spec."""
+
+    name: str
+    weight: float
+    files: list[str] | None = None
+    hub: dict | None = None
+    text_field: str = "text"
+
+    @classmethod
+    def from_recipe(cls, spec: dict) -> "Source":
+        files = spec.get("files")
+        return cls(spec["name"], float(spec["weight"]), [files] if isinstance(files, str) else files,
+                   spec.get("hub"), spec.get("text_field", "text"))
+
+
+def _resolve_files(source: Source) -> tuple[str, list[str]]:
+    paths = sorted({path for pattern in source.files for path in glob.glob(str(Path(pattern).expanduser()), recursive=True)})
+    if not paths:
+        raise DataError(f"data source {source.name!r}: no file matches {source.files}")
+    suffixes = {Path(path).suffix for path in paths}
+    unknown = suffixes - FILE_BUILDERS.keys()
+    builders = {FILE_BUILDERS[suffix] for suffix in suffixes - unknown}
+    if unknown or len(builders) != 1:
+        raise DataError(f"data source {source.name!r}: files must all be one of {sorted(FILE_BUILDERS)}, "
+                        f"got suffixes {sorted(suffixes)}")
+    return builders.pop(), paths
+
+
+def open_source(source: Source) -> IterableDataset:
+    """The source as a stream of {"text": str}; fails with its name if missing, unreadable or empty."""
+    if source.files is not None:
+        builder, paths = _resolve_files(source)
+        dataset = load_dataset(builder, data_files=paths, split="train", streaming=True)
+    else:
+        hub = source.hub
+        try:
+            dataset = load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "train"),
+                                   revision=hub.get("revision"), data_files=hub.get("data_files"), streaming=True)
+        except Exception as error:
+            raise DataError(
+                f"data source {source.name!r}: cannot open hub dataset {hub['path']!r} ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). Without network access, point the source "
+                "at local files instead, or populate the HF datasets cache first."
+            ) from error
+    try:
+        first = next(iter(dataset))
+    except StopIteration:
+        raise DataError(f"data source {source.name!r} is empty") from None
+    except Exception as error:
+        raise DataError(f"data source {source.name!r} cannot be read: {error}") from error
+    if source.text_field not in first:
+        raise DataError(f"data source {source.name!r} has no field {source.text_field!r}; fields: {sorted(first)}")
+    if source.text_field != "text":
+        dataset = dataset.map(lambda example: {"text": example[source.text_field]})
+    return dataset.select_columns(["text"])
+
+
+def split_validation(dataset: IterableDataset, documents: int) -> tuple[IterableDataset, IterableDataset]:
+    """(train, validation): the first `documents` documents are held out."""
+    return dataset.skip(documents), dataset.take(documents)
+
+
+def mixture(streams: list[IterableDataset], weights: list[float], seed: int) -> IterableDataset:
+    """Interleave the streams, drawing each document from stream i with probability weights[i] / sum."""
+    total = sum(weights)
+    return interleave_datasets(streams, probabilities=[w / total for w in weights], seed=seed,
+                               stopping_strategy="all_exhausted")
+
+
+def tokenize_documents(documents: IterableDataset, tokenizer) -> IterableDataset:
+    """{"text"} -> {"input_ids"}, each document followed by EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to put between documents")
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    return documents.map(encode, batched=True, batch_size=256, remove_columns=["text"])
+
+
+class PackedBlocks(torch.utils.data.IterableDataset):
+    """Stream of `seq_len`-token blocks from the tokenised documents; endless when `repeat`.
+
+    `make_tokens()` builds the tokenised document stream; it is rebuilt at every epoch. The stream
+    position is `state_dict()`; `load_state_dict()` resumes right after the last block handed out.
+    """
+
+    def __init__(self, make_tokens: Callable[[], IterableDataset], seq_len: int, repeat: bool = True):
+        self.make_tokens = make_tokens
+        self.seq_len = seq_len
+        self.repeat = repeat
+        self.epoch = 0
+        self.buffer: list[int] = []
+        self.resume_from: dict | None = None
+        self.state: dict = {"epoch": 0, "buffer": [], "tokens": None}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+        self.epoch, self.buffer, self.resume_from = state["epoch"], list(state["buffer"]), state["tokens"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            tokens = self.make_tokens()
+            fresh_epoch = self.resume_from is None
+            if not fresh_epoch:
+                tokens.load_state_dict(self.resume_from)
+                self.resume_from = None
+            blocks_this_epoch = 0
+            for document in tokens:
+                self.buffer.extend(document["input_ids"])
+                while len(self.buffer) >= self.seq_len:
+                    block, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
+                    self.state = {"epoch": self.epoch, "buffer": list(self.buffer), "tokens": tokens.state_dict()}
+                    blocks_this_epoch += 1
+                    yield torch.tensor(block, dtype=torch.long)
+            self.epoch += 1
+            if not self.repeat:
+                return
+            if fresh_epoch and blocks_this_epoch == 0:
+                raise DataError(f"the training data holds fewer than seq_len={self.seq_len} tokens for this process")
+
+
+@dataclass
+class PretrainingData:
+    """Training blocks for one process and the validation blocks (the same on every process)."""
+
+    train: PackedBlocks
+    validation: list[torch.Tensor]
+
+
+def open_sources(source_specs: list[dict]) -> list[tuple[Source, IterableDataset]]:
+    sources = [Source.from_recipe(spec) for spec in source_specs]
+    return [(source, open_source(source)) for source in sources]
+
+
+def build_pretraining_data(opened: list[tuple[Source, IterableDataset]], tokenizer, seq_len: int, seed: int,
+                           validation_documents: int, validation_blocks: int, rank: int = 0,
+                           world_size: int = 1) -> PretrainingData:
+    weights = [source.weight for source, _ in opened]
+
+    def make_tokens() -> IterableDataset:
+        train_streams = [split_validation(stream, validation_documents)[0] for _, stream in opened]
+        documents = split_dataset_by_node(mixture(train_streams, weights, seed), rank=rank, world_size=world_size)
+        return tokenize_documents(documents, tokenizer)
+
+    validation = []
+    if validation_blocks > 0:
+        held_out = [split_validation(stream, validation_documents)[1] for _, stream in opened]
+        packer = PackedBlocks(lambda: tokenize_documents(concatenate_datasets(held_out), tokenizer), seq_len,
+                              repeat=False)
+        validation = list(itertools.islice(packer, validation_blocks))
+        if not validation:
+            raise DataError(f"the {validation_documents} held-out documents per source give no {seq_len}-token "
+                            "validation block; raise data.validation_documents")
+    return PretrainingData(PackedBlocks(make_tokens, seq_len), validation)
+
+
+def iterate_documents(opened: list[tuple[Source, IterableDataset]], seed: int, validation_documents: int,
+                      limit: int) -> Iterator[str]:
+    """Up to `limit` training documents of the mixture, for training a tokenizer."""
+    train_streams = [split_validation(stream, validation_documents)[0] for _, stream in opened]
+    for index, document in enumerate(mixture(train_streams, [s.weight for s, _ in opened], seed)):
+        if index == limit:
+            return
+        yield document["text"]

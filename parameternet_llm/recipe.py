@@ -1,0 +1,191 @@
+"""Training recipes: YAML files with the sections model, data, tokenizer, train, eval and output_dir.
+
+Every key has a default below; an unknown key, a value of the wrong type or a malformed override is
+an error that names the key before anything runs.
+"""
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Values that may be null are marked by None defaults; their type is not checked.
+DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/run",
+    # Config fields of ParameterNetLlamaConfig (or LlamaConfig when dense). vocab_size defaults to the
+    # tokenizer's size; bos/eos ids come from the tokenizer.
+    "model": {},
+    "data": {
+        "seq_len": 256,
+        "seed": 0,
+        # Documents held out from the start of every source for validation.
+        "validation_documents": 200,
+        # Generate the embedded corpus here before training (null: none).
+        "corpus": None,
+        "sources": [],
+    },
+    "tokenizer": {
+        # A directory with a transformers tokenizer, or a hub id.
+        "path": None,
+        # If set and `path` holds no tokenizer yet: train one there from the training documents.
+        "train": None,
+    },
+    "train": {
+        "seed": 0,
+        "max_steps": 1000,
+        "micro_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "lr": 3.0e-4,
+        "min_lr_ratio": 0.1,
+        "warmup_steps": 100,
+        "weight_decay": 0.1,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "adam_eps": 1.0e-8,
+        "grad_clip": 1.0,
+        "mixed_precision": "auto",
+        "gradient_checkpointing": False,
+        "log_every": 10,
+        "save_every": 500,
+        "keep_checkpoints": 2,
+        "resume": None,
+        "trackers": [],
+        "progress_bar": True,
+    },
+    "eval": {
+        "every": 500,
+        "batches": 10,
+    },
+}
+
+NULLABLE = {"train.resume", "data.corpus", "tokenizer.path", "tokenizer.train"}
+SOURCE_KEYS = {"name", "weight", "files", "hub", "text_field"}
+HUB_KEYS = {"path", "name", "split", "revision", "data_files"}
+CORPUS_KEYS = {"path", "num_tokens", "seed"}
+TOKENIZER_TRAIN_KEYS = {"vocab_size", "max_documents"}
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message names the key or file."""
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(defaults: dict, given: dict, prefix: str = "") -> dict:
+    merged = copy.deepcopy(defaults)
+    for key, value in given.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            raise RecipeError(f"unknown recipe key {dotted!r}{_suggest(key, defaults)}")
+        default = defaults[key]
+        if isinstance(default, dict) and default:
+            if not isinstance(value, dict):
+                raise RecipeError(f"recipe key {dotted!r} must be a mapping, got {value!r}")
+            merged[key] = _merge(default, value, dotted + ".")
+        else:
+            merged[key] = _check_type(dotted, default, value)
+    return merged
+
+
+def _check_type(dotted: str, default, value):
+    if default is None or value is None and dotted in NULLABLE:
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
+        raise RecipeError(f"recipe key {dotted!r} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def parse_override(pair: str) -> tuple[list[str], Any]:
+    """`train.max_steps=20` -> (["train", "max_steps"], 20); values are read as YAML."""
+    key, sep, value = pair.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override {pair!r} is not of the form dotted.key=value")
+    try:
+        return key.split("."), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"override {pair!r}: value is not valid YAML ({error})") from error
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for pair in overrides:
+        keys, value = parse_override(pair)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {pair!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read a recipe file, apply `key=value` overrides, fill defaults and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections")
+    return validate_recipe(apply_overrides(raw, list(overrides)))
+
+
+def validate_recipe(raw: dict) -> dict:
+    recipe = _merge(DEFAULTS, raw)
+    if not isinstance(recipe["model"], dict):
+        raise RecipeError("recipe key 'model' must be a mapping of config fields")
+    for index, source in enumerate(recipe["data"]["sources"]):
+        _check_source(index, source)
+    if not recipe["data"]["sources"]:
+        raise RecipeError("recipe key 'data.sources' lists no data source")
+    corpus = recipe["data"]["corpus"]
+    if corpus is not None:
+        _check_keys("data.corpus", corpus, CORPUS_KEYS, required={"path"})
+    if recipe["tokenizer"]["path"] is None:
+        raise RecipeError("recipe key 'tokenizer.path' is not set: name a tokenizer directory or hub id")
+    if recipe["tokenizer"]["train"] is not None:
+        _check_keys("tokenizer.train", recipe["tokenizer"]["train"], TOKENIZER_TRAIN_KEYS)
+    train = recipe["train"]
+    for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "save_every",
+                "keep_checkpoints"):
+        if train[key] < 1:
+            raise RecipeError(f"recipe key 'train.{key}' must be >= 1, got {train[key]}")
+    if train["mixed_precision"] not in MIXED_PRECISION:
+        raise RecipeError(f"recipe key 'train.mixed_precision' must be one of {list(MIXED_PRECISION)}, got "
+                          f"{train['mixed_precision']!r}")
+    if recipe["data"]["seq_len"] < 2:
+        raise RecipeError(f"recipe key 'data.seq_len' must be >= 2, got {recipe['data']['seq_len']}")
+    return recipe
+
+
+def _check_keys(where: str, mapping, known: set, required: set = frozenset()):
+    if not isinstance(mapping, dict):
+        raise RecipeError(f"recipe key {where!r} must be a mapping, got {mapping!r}")
+    for key in mapping:
+        if key not in known:
+            raise RecipeError(f"unknown recipe key '{where}.{key}'{_suggest(key, known)}")
+    for key in required - set(mapping):
+        raise RecipeError(f"recipe key '{where}.{key}' is required")
+
+
+def _check_source(index: int, source):
+    where = f"data.sources[{index}]"
+    _check_keys(where, source, SOURCE_KEYS, required={"name", "weight"})
+    if ("files" in source) == ("hub" in source):
+        raise RecipeError(f"{where} ({source['name']!r}) must give exactly one of 'files' or 'hub'")
+    if not isinstance(source["weight"], (int, float)) or source["weight"] <= 0:
+        raise RecipeError(f"{where}.weight ({source['name']!r}) must be a number > 0, got {source['weight']!r}")
+    if "hub" in source:
+        _check_keys(f"{where}.hub", source["hub"], HUB_KEYS, required={"path"})

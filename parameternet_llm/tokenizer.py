@@ -1,0 +1,67 @@
+"""LLaMA-style SentencePiece BPE tokenizers, trained here and saved in transformers' format."""
+
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded; the message names it."""
+
+
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+
+
+def train_tokenizer(texts: Iterable[str], output_dir: str | Path, vocab_size: int = 8000) -> PreTrainedTokenizerBase:
+    """Train a SentencePiece BPE model with LLaMA's options (byte fallback, split digits, identity
+    normalisation, ids 0/1/2 for <unk>/<s>/</s>) and save it as a transformers LlamaTokenizer."""
+    import sentencepiece as spm
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = (line for text in texts for line in text.splitlines() if line.strip())
+    with tempfile.TemporaryDirectory() as scratch:
+        prefix = str(Path(scratch) / "tokenizer")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_prefix=prefix,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            character_coverage=0.99995,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            unk_piece=SPECIAL_TOKENS["unk_token"],
+            bos_piece=SPECIAL_TOKENS["bos_token"],
+            eos_piece=SPECIAL_TOKENS["eos_token"],
+            hard_vocab_limit=False,  # a small corpus may support fewer pieces than asked for
+            minloglevel=2,
+        )
+        tokenizer = LlamaTokenizer.from_pretrained(scratch, add_bos_token=True, **SPECIAL_TOKENS)
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "tokenizer.model").write_bytes(Path(prefix + ".model").read_bytes())
+    return load_tokenizer(output_dir)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """A tokenizer directory, or a hub id (which needs the hub or a populated HF cache)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as error:
+        raise TokenizerError(
+            f"could not load tokenizer {str(name_or_path)!r}: not a tokenizer directory, and the hub id could "
+            f"not be resolved ({error.__class__.__name__}: {str(error).splitlines()[0]})"
+        ) from error

@@ -1,0 +1,363 @@
+"""Pretraining with accelerate: `accelerate launch -m parameternet_llm.train --config RECIPE [key=value ...]`.
+
+One CPU, one GPU or many GPUs and nodes: the process layout, DDP / FSDP / DeepSpeed and mixed
+precision come from accelerate's config (see recipes/accelerate/). Each logging step appends a JSON
+line to `output_dir/metrics.jsonl`; checkpoints are accelerate states written atomically under
+`output_dir/checkpoints/`; the finished model is an HF checkpoint in `output_dir/final/`.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from . import ParameterNetLlamaConfig
+from .accounting import flops_per_token
+from .corpus import generate_corpus
+from .data import DataError, build_pretraining_data, iterate_documents, open_sources
+from .recipe import RecipeError, load_recipe
+from .tokenizer import TokenizerError, has_tokenizer, load_tokenizer, train_tokenizer
+
+CHECKPOINT_PREFIX = "step-"
+# Dense bf16 tensor-core peak per device, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+ROUTING_FIELDS = set(ParameterNetLlamaConfig().to_dict()) - set(LlamaConfig().to_dict())
+
+
+def model_config(model_section: dict, tokenizer, seq_len: int) -> LlamaConfig:
+    """The recipe's model section as a config: LlamaConfig when `dense: true`, else ParameterNet's."""
+    fields = dict(model_section)
+    dense = fields.pop("dense", False)
+    known = set(LlamaConfig().to_dict()) | (set() if dense else ROUTING_FIELDS)
+    for key in fields:
+        if key not in known:
+            hint = " (routing fields need dense: false)" if key in ROUTING_FIELDS else ""
+            raise RecipeError(f"unknown recipe key 'model.{key}'{hint}")
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+    if fields["vocab_size"] < len(tokenizer):
+        raise RecipeError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+    try:
+        config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"model section: {error}") from error
+    if seq_len > config.max_position_embeddings:
+        raise RecipeError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}")
+    config.use_cache = False
+    return config
+
+
+def prepare_tokenizer(recipe: dict, opened) -> object:
+    section = recipe["tokenizer"]
+    path = section["path"]
+    if section["train"] is not None and not has_tokenizer(path):
+        options = section["train"]
+        documents = iterate_documents(opened, recipe["data"]["seed"], recipe["data"]["validation_documents"],
+                                      options.get("max_documents", 20000))
+        return train_tokenizer(documents, path, options.get("vocab_size", 8000))
+    return load_tokenizer(path)
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a save in progress lives under a dot-name until renamed)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def resolve_resume(resume, output_dir: Path) -> Path | None:
+    found = checkpoints(output_dir / "checkpoints")
+    if resume is None:
+        if found:
+            raise RecipeError(f"{output_dir} already holds checkpoints ({found[-1].name}); set train.resume=auto to "
+                              "continue that run, or choose another output_dir")
+        return None
+    if resume == "auto":
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise RecipeError(f"train.resume={resume!r} is not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def flatten(prefix: str, value) -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}{key}.", item).items()}
+    return {prefix.rstrip("."): value if isinstance(value, (int, float, str, bool)) else str(value)}
+
+
+class Trainer:
+    """One pretraining run as the recipe describes it."""
+
+    def __init__(self, recipe: dict):
+        self.recipe = recipe
+        self.output_dir = Path(recipe["output_dir"])
+        train = recipe["train"]
+        data = recipe["data"]
+        self.resume_from = resolve_resume(train["resume"], self.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=train["gradient_accumulation_steps"],
+            mixed_precision=mixed_precision(train["mixed_precision"]),
+            log_with=train["trackers"] or None,
+            project_dir=str(self.output_dir),
+        )
+        set_seed(train["seed"])
+        accelerator = self.accelerator
+        with accelerator.main_process_first():
+            if data["corpus"] is not None:
+                corpus = data["corpus"]
+                generate_corpus(corpus["path"], corpus.get("num_tokens", 3_000_000), corpus.get("seed", 0))
+            opened = open_sources(data["sources"])
+            self.tokenizer = prepare_tokenizer(recipe, opened)
+        self.config = model_config(recipe["model"], self.tokenizer, data["seq_len"])
+        self.data = build_pretraining_data(
+            opened, self.tokenizer, data["seq_len"], data["seed"], data["validation_documents"],
+            recipe["eval"]["batches"] * train["micro_batch_size"], accelerator.process_index,
+            accelerator.num_processes,
+        )
+        model = AutoModelForCausalLM.from_config(self.config)
+        if train["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": train["weight_decay"]},
+                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=train["lr"], betas=(train["adam_beta1"], train["adam_beta2"]), eps=train["adam_eps"],
+            fused=accelerator.device.type == "cuda",
+        )
+        # Stepped once per optimizer step here, so not handed to accelerate (which would step it per process).
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, train["warmup_steps"], train["max_steps"], min_lr_rate=train["min_lr_ratio"]
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.train_flops_per_token = 3 * flops_per_token(self.config, data["seq_len"])
+        self.tokens_per_step = (train["micro_batch_size"] * data["seq_len"] * train["gradient_accumulation_steps"]
+                                * accelerator.num_processes)
+        self.step = 0
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
+        if train["trackers"]:
+            accelerator.init_trackers("parameternet-llm", config=flatten("", recipe))
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        accelerator = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        staging = root / f".saving-{final.name}"
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(staging))
+        (staging / f"data_state_rank{accelerator.process_index}.json").write_text(
+            json.dumps(self.data.train.state_dict()))
+        if accelerator.is_main_process:
+            (staging / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)  # atomic: a crash before this line leaves the last good checkpoint
+            for old in checkpoints(root)[: -self.recipe["train"]["keep_checkpoints"]]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        data_state = path / f"data_state_rank{self.accelerator.process_index}.json"
+        if not data_state.is_file():
+            raise RecipeError(f"checkpoint {path} has no data state for process {self.accelerator.process_index}; "
+                              "resume with the number of processes it was saved with")
+        self.accelerator.load_state(str(path))
+        self.data.train.load_state_dict(json.loads(data_state.read_text()))
+        self.step = json.loads((path / "trainer_state.json").read_text())["step"]
+        self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    # --- training ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        accelerator, recipe = self.accelerator, self.recipe
+        train = recipe["train"]
+        metrics_path = self.output_dir / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            keep_logged_steps_up_to(metrics_path, self.step)
+        batches = iter(torch.utils.data.DataLoader(self.data.train, batch_size=train["micro_batch_size"]))
+        unwrapped = accelerator.unwrap_model(self.model)
+        routed = hasattr(unwrapped, "routing_stats")
+        peak = peak_flops(accelerator.device)
+        progress = tqdm(total=train["max_steps"], initial=self.step, desc="pretrain", dynamic_ncols=True,
+                        disable=not (accelerator.is_main_process and train["progress_bar"]))
+        window = Window()
+        self.model.train()
+        record = {}
+        while self.step < train["max_steps"]:
+            for _ in range(train["gradient_accumulation_steps"]):
+                batch = next(batches).to(accelerator.device)
+                with accelerator.accumulate(self.model):
+                    out = self.model(input_ids=batch, labels=batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        window.grad_norms.append(accelerator.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.add(out, unwrapped.routing_stats() if routed else None)
+            self.scheduler.step()
+            self.step += 1
+            progress.update(1)
+            evaluate_now = self.step % recipe["eval"]["every"] == 0 or self.step == train["max_steps"]
+            if self.step % train["log_every"] == 0 or evaluate_now:
+                record = window.summary(accelerator, self.step, self.tokens_per_step, self.scheduler.get_last_lr()[0])
+                record["mfu"] = (None if peak is None else
+                                 self.train_flops_per_token * record["tokens_per_s"] / (peak * accelerator.num_processes))
+                record["val_loss"] = self.validation_loss() if evaluate_now and self.data.validation else None
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as stream:
+                        stream.write(json.dumps(record) + "\n")
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                         tok_s=f"{record['tokens_per_s']:.0f}")
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
+                window = Window()
+            if self.step % train["save_every"] == 0 or self.step == train["max_steps"]:
+                self.save_checkpoint()
+        progress.close()
+        summary = {"step": self.step, "final": record, "ranks_in_sync": self.ranks_in_sync()}
+        self.save_final(summary)
+        accelerator.end_training()
+        return summary
+
+    def validation_loss(self) -> float:
+        model = self.model
+        model.eval()
+        batch_size = self.recipe["train"]["micro_batch_size"]
+        total = torch.zeros((), device=self.accelerator.device)
+        with torch.no_grad():
+            for start in range(0, len(self.data.validation), batch_size):
+                batch = torch.stack(self.data.validation[start : start + batch_size]).to(self.accelerator.device)
+                total += lm_loss_of(model(input_ids=batch, labels=batch))
+        model.train()
+        return (total / math.ceil(len(self.data.validation) / batch_size)).item()
+
+    def ranks_in_sync(self) -> bool | None:
+        """Whether every process holds the same weights (None where weights are sharded)."""
+        accelerator = self.accelerator
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return None
+        checksum = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1)
+        gathered = accelerator.gather(checksum)
+        return bool(torch.all(gathered == gathered[0]).item())
+
+    def save_final(self, summary: dict) -> None:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(self.model)
+        if accelerator.is_main_process:
+            final = self.output_dir / "final"
+            staging = self.output_dir / ".saving-final"
+            shutil.rmtree(staging, ignore_errors=True)
+            accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
+            self.tokenizer.save_pretrained(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        accelerator.wait_for_everyone()
+
+
+class Window:
+    """Per-micro-batch statistics between two logging steps, kept on the device until logged."""
+
+    def __init__(self):
+        self.losses, self.grad_norms, self.load_max, self.dropped = [], [], [], []
+        self.started = time.perf_counter()
+        self.steps = 0
+
+    def add(self, out, routing_stats) -> None:
+        zero = torch.zeros_like(out.loss)
+        aux, z = getattr(out, "aux_loss", None), getattr(out, "z_loss", None)
+        losses = [out.loss, lm_loss_of(out), zero if aux is None else aux, zero if z is None else z]
+        self.losses.append(torch.stack(losses).detach().float())
+        if routing_stats:
+            self.load_max.append(torch.stack([s["load"].max() for s in routing_stats.values()]).max())
+            self.dropped.append(torch.stack([s["dropped"] for s in routing_stats.values()]).mean())
+
+    def summary(self, accelerator, step: int, tokens_per_step: int, lr: float) -> dict:
+        steps = max(1, len(self.grad_norms))
+        losses = accelerator.reduce(torch.stack(self.losses).mean(0), "mean").tolist()
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "step": step,
+            "loss": losses[0],
+            "lm_loss": losses[1],
+            "aux_loss": losses[2],
+            "z_loss": losses[3],
+            "lr": lr,
+            "grad_norm": torch.stack(self.grad_norms).float().mean().item() if self.grad_norms else None,
+            "tokens": step * tokens_per_step,
+            "tokens_per_s": steps * tokens_per_step / elapsed,
+            "expert_load_max": None,
+            "dropped_frac": None,
+        }
+        if self.load_max:
+            record["expert_load_max"] = accelerator.reduce(torch.stack(self.load_max).mean(), "mean").item()
+            record["dropped_frac"] = accelerator.reduce(torch.stack(self.dropped).mean(), "mean").item()
+        return record
+
+
+def lm_loss_of(out) -> torch.Tensor:
+    """The cross-entropy alone: ParameterNet outputs carry it as lm_loss, dense LLaMA's loss is it."""
+    lm_loss = getattr(out, "lm_loss", None)
+    return out.loss if lm_loss is None else lm_loss
+
+
+def keep_logged_steps_up_to(metrics_path: Path, step: int) -> None:
+    """Drop metric lines past `step` (left by a run that crashed after its last checkpoint)."""
+    if not metrics_path.exists():
+        return
+    lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    metrics_path.write_text("".join(line + "\n" for line in lines))
+
+
+def run(recipe_path: str, overrides: list[str]) -> dict:
+    return Trainer(load_recipe(recipe_path, overrides)).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m parameternet_llm.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
+    args = parser.parse_args(argv)
+    try:
+        run(args.config, args.overrides)
+    except (RecipeError, DataError, TokenizerError) as error:  # these name the culprit; no traceback needed
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
