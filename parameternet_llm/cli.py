@@ -11,6 +11,8 @@ from transformers import AutoConfig, LlamaConfig
 from .accounting import count_parameters, flops_per_token
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .presets import MODEL_SHAPES, table7_configs
+from .errors import InputError
+from .recipe import RecipeError, load_recipe, model_config
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -24,50 +26,100 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
-def load_config(target: str, overrides: dict) -> LlamaConfig:
-    """A config from a model-shape name, a checkpoint directory or a config.json, with overrides."""
+def load_config(target: str, overrides: list[str]) -> LlamaConfig:
+    """A config from a model-shape name, a checkpoint directory, a config.json or a recipe."""
     if target in MODEL_SHAPES:
-        return ParameterNetLlamaConfig(**{**MODEL_SHAPES[target], **overrides})
+        try:
+            return ParameterNetLlamaConfig(**{**MODEL_SHAPES[target], **parse_overrides(overrides)})
+        except ValueError as error:
+            raise RecipeError(str(error)) from error
     path = Path(target)
     if not path.exists():
         raise SystemExit(f"error: {target!r} is neither a model shape ({', '.join(MODEL_SHAPES)}) nor an existing path")
+    if path.suffix in (".yaml", ".yml"):
+        recipe = load_recipe(path, overrides)
+        vocab = (recipe["tokenizer"]["train"] or {}).get("vocab_size")
+        return model_config(recipe["model"], recipe["data"]["seq_len"], {"vocab_size": vocab} if vocab else None)
     config_dict = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    config_dict.update(overrides)
+    config_dict.update(parse_overrides(overrides))
     if config_dict.get("model_type") == ParameterNetLlamaConfig.model_type:
         return ParameterNetLlamaConfig.from_dict(config_dict)
     return AutoConfig.for_model(**config_dict)
 
 
-def format_row(name: str, config: LlamaConfig, seq_len: int) -> str:
-    params = count_parameters(config)
-    flops = flops_per_token(config, seq_len)
-    return f"| {name} | {params['total'] / 1e9:.2f}B | {params['active'] / 1e9:.3f}B | {flops / 1e9:.3f} |"
+def human(count: int) -> str:
+    """936429568 -> '0.94B', 2370000 -> '2.37M'."""
+    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
 
 
 def info(args: argparse.Namespace) -> None:
-    overrides = parse_overrides(args.overrides)
-    if args.target in MODEL_SHAPES and not overrides:
+    if args.target in MODEL_SHAPES and not args.overrides:
         rows = table7_configs(MODEL_SHAPES[args.target])
     else:
-        rows = {args.target: load_config(args.target, overrides)}
+        rows = {args.target: load_config(args.target, args.overrides)}
     print(f"| model | params | active params | forward GFLOPs/token (seq {args.seq_len}) |")
     print("|---|---|---|---|")
     for name, config in rows.items():
-        print(format_row(name, config, args.seq_len))
+        params = count_parameters(config)
+        flops = flops_per_token(config, args.seq_len)
+        print(f"| {name} | {human(params['total'])} | {human(params['active'])} | {flops / 1e9:.4g} |")
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    from .train import run
+
+    summary = run(args.recipe, args.overrides)
+    print(json.dumps(summary["final"]))
+
+
+def make_corpus(args: argparse.Namespace) -> None:
+    from .corpus import generate_corpus
+
+    path = generate_corpus(args.output, args.num_tokens, args.seed)
+    print(json.loads((path / "manifest.json").read_text()))
+
+
+def train_tokenizer_command(args: argparse.Namespace) -> None:
+    from .data import Source, open_source
+    from .tokenizer import train_tokenizer
+
+    stream = open_source(Source("tokenizer-data", 1.0, files=args.files, text_field=args.text_field))
+    texts = (example["text"] for _, example in zip(range(args.max_documents), stream))
+    tokenizer = train_tokenizer(texts, args.output, args.vocab_size)
+    print(f"saved a {len(tokenizer)}-token tokenizer to {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parameternet-llm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    info_parser = commands.add_parser(
-        "info", help="parameters and FLOPs per token of a model shape, checkpoint or config.json"
-    )
-    info_parser.add_argument(
-        "target", nargs="?", default="llama-1b", help="model shape name, checkpoint directory or config.json"
-    )
-    info_parser.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. num_experts=8")
-    info_parser.add_argument("--seq-len", type=int, default=2048, help="context length for attention FLOPs")
-    info_parser.set_defaults(handler=info)
+
+    command = commands.add_parser("info", help="parameters and FLOPs per token of a model shape, checkpoint, "
+                                               "config.json or recipe")
+    command.add_argument("target", nargs="?", default="llama-1b",
+                         help="model shape name, checkpoint directory, config.json or recipe YAML")
+    command.add_argument("overrides", nargs="*", help="config fields as key=value (recipe keys as dotted.key=value)")
+    command.add_argument("--seq-len", type=int, default=2048, help="context length for attention FLOPs")
+    command.set_defaults(handler=info)
+
+    command = commands.add_parser("pretrain", help="pretrain from a recipe in this process "
+                                                   "(accelerate launch -m parameternet_llm.train for several)")
+    command.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
+    command.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
+    command.set_defaults(handler=pretrain)
+
+    command = commands.add_parser("make-corpus", help="generate the embedded corpus (JSONL) and its world")
+    command.add_argument("--output", required=True, help="directory to write")
+    command.add_argument("--num-tokens", type=int, default=3_000_000, help="approximate size in tokens")
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=make_corpus)
+
+    command = commands.add_parser("train-tokenizer", help="train a LLaMA-style SentencePiece BPE tokenizer")
+    command.add_argument("--files", nargs="+", required=True, help="jsonl / json / parquet / txt files or globs")
+    command.add_argument("--output", required=True, help="directory for the transformers tokenizer")
+    command.add_argument("--vocab-size", type=int, default=8000)
+    command.add_argument("--max-documents", type=int, default=50_000)
+    command.add_argument("--text-field", default="text")
+    command.set_defaults(handler=train_tokenizer_command)
     return parser
 
 
@@ -75,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except ValueError as error:
+    except InputError as error:
         sys.exit(f"error: {error}")
 
 

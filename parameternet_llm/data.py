@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from datasets import IterableDataset, concatenate_datasets, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
+from .errors import InputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data source that cannot be used; the message names it."""
 
 
@@ -59,24 +60,24 @@ def open_source(source: Source) -> IterableDataset:
     """The source as a stream of {"text": str}; fails with its name if missing, unreadable or empty."""
     if source.files is not None:
         builder, paths = _resolve_files(source)
-        dataset = load_dataset(builder, data_files=paths, split="train", streaming=True)
+        load = lambda: load_dataset(builder, data_files=paths, split="train", streaming=True)  # noqa: E731
+        where = f"files {paths[:3]}{' ...' if len(paths) > 3 else ''}"
     else:
         hub = source.hub
-        try:
-            dataset = load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "train"),
-                                   revision=hub.get("revision"), data_files=hub.get("data_files"), streaming=True)
-        except Exception as error:
-            raise DataError(
-                f"data source {source.name!r}: cannot open hub dataset {hub['path']!r} ({error.__class__.__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}). Without network access, point the source "
-                "at local files instead, or populate the HF datasets cache first."
-            ) from error
+        load = lambda: load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "train"),  # noqa: E731
+                                    revision=hub.get("revision"), data_files=hub.get("data_files"), streaming=True)
+        where = f"hub dataset {hub['path']!r}"
     try:
+        dataset = load()
         first = next(iter(dataset))
     except StopIteration:
-        raise DataError(f"data source {source.name!r} is empty") from None
+        raise DataError(f"data source {source.name!r} is empty ({where})") from None
     except Exception as error:
-        raise DataError(f"data source {source.name!r} cannot be read: {error}") from error
+        hint = (" Without network access, point the source at local files instead, or populate the HF "
+                "datasets cache first." if source.hub is not None else "")
+        message = str(error).splitlines()[0] if str(error) else ""
+        raise DataError(f"data source {source.name!r}: cannot open {where} ({error.__class__.__name__}: "
+                        f"{message}).{hint}") from error
     if source.text_field not in first:
         raise DataError(f"data source {source.name!r} has no field {source.text_field!r}; fields: {sorted(first)}")
     if source.text_field != "text":
@@ -167,14 +168,21 @@ def open_sources(source_specs: list[dict]) -> list[tuple[Source, IterableDataset
     return [(source, open_source(source)) for source in sources]
 
 
+def training_documents(opened: list[tuple[Source, IterableDataset]], seed: int, validation_documents: int,
+                       rank: int = 0, world_size: int = 1) -> IterableDataset:
+    """This process's share of the training documents: the seeded mixture of every source past its
+    held-out documents, split across processes (whole shards where they divide evenly, else every
+    world_size-th document)."""
+    train_streams = [split_validation(stream, validation_documents)[0] for _, stream in opened]
+    documents = mixture(train_streams, [source.weight for source, _ in opened], seed)
+    return split_dataset_by_node(documents, rank=rank, world_size=world_size)
+
+
 def build_pretraining_data(opened: list[tuple[Source, IterableDataset]], tokenizer, seq_len: int, seed: int,
                            validation_documents: int, validation_blocks: int, rank: int = 0,
                            world_size: int = 1) -> PretrainingData:
-    weights = [source.weight for source, _ in opened]
-
     def make_tokens() -> IterableDataset:
-        train_streams = [split_validation(stream, validation_documents)[0] for _, stream in opened]
-        documents = split_dataset_by_node(mixture(train_streams, weights, seed), rank=rank, world_size=world_size)
+        documents = training_documents(opened, seed, validation_documents, rank, world_size)
         return tokenize_documents(documents, tokenizer)
 
     validation = []
@@ -187,13 +195,3 @@ def build_pretraining_data(opened: list[tuple[Source, IterableDataset]], tokeniz
             raise DataError(f"the {validation_documents} held-out documents per source give no {seq_len}-token "
                             "validation block; raise data.validation_documents")
     return PretrainingData(PackedBlocks(make_tokens, seq_len), validation)
-
-
-def iterate_documents(opened: list[tuple[Source, IterableDataset]], seed: int, validation_documents: int,
-                      limit: int) -> Iterator[str]:
-    """Up to `limit` training documents of the mixture, for training a tokenizer."""
-    train_streams = [split_validation(stream, validation_documents)[0] for _, stream in opened]
-    for index, document in enumerate(mixture(train_streams, [s.weight for s, _ in opened], seed)):
-        if index == limit:
-            return
-        yield document["text"]

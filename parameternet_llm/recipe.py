@@ -1,5 +1,7 @@
 """Training recipes: YAML files with the sections model, data, tokenizer, train, eval and output_dir.
 
+A recipe may name another as `base: FILE` (relative to itself) and give only what differs.
+
 Every key has a default below; an unknown key, a value of the wrong type or a malformed override is
 an error that names the key before anything runs.
 """
@@ -10,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import LlamaConfig
+
+from .configuration_parameternet_llama import ParameterNetLlamaConfig
+from .errors import InputError
 
 # Values that may be null are marked by None defaults; their type is not checked.
 DEFAULTS: dict[str, Any] = {
@@ -68,7 +74,7 @@ TOKENIZER_TRAIN_KEYS = {"vocab_size", "max_documents"}
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe or override that cannot be used; the message names the key or file."""
 
 
@@ -128,18 +134,39 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
-    """Read a recipe file, apply `key=value` overrides, fill defaults and validate."""
+def read_recipe_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a recipe file, with the file named by its `base` key merged underneath
+    (mappings merge key by key, anything else is replaced)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise RecipeError(f"recipe file {str(path)!r} is its own base")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of sections")
-    return validate_recipe(apply_overrides(raw, list(overrides)))
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(read_recipe_file(path.parent / base, seen + (path.resolve(),)), raw)
+
+
+def _deep_merge(base: dict, child: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict:
+    """Read a recipe file (and its bases), apply `key=value` overrides, fill defaults and validate."""
+    return validate_recipe(apply_overrides(read_recipe_file(path), list(overrides)))
 
 
 def validate_recipe(raw: dict) -> dict:
@@ -167,6 +194,7 @@ def validate_recipe(raw: dict) -> dict:
                           f"{train['mixed_precision']!r}")
     if recipe["data"]["seq_len"] < 2:
         raise RecipeError(f"recipe key 'data.seq_len' must be >= 2, got {recipe['data']['seq_len']}")
+    model_config(recipe["model"], recipe["data"]["seq_len"])  # model keys and values, before any work
     return recipe
 
 
@@ -189,3 +217,27 @@ def _check_source(index: int, source):
         raise RecipeError(f"{where}.weight ({source['name']!r}) must be a number > 0, got {source['weight']!r}")
     if "hub" in source:
         _check_keys(f"{where}.hub", source["hub"], HUB_KEYS, required={"path"})
+
+
+ROUTING_FIELDS = set(ParameterNetLlamaConfig().to_dict()) - set(LlamaConfig().to_dict())
+
+
+def model_config(model_section: dict, seq_len: int, defaults: dict | None = None) -> LlamaConfig:
+    """The recipe's model section as a config (LlamaConfig when `dense: true`, else ParameterNet's),
+    with `defaults` (vocab_size, special token ids) filled in where the section is silent."""
+    fields = dict(model_section)
+    dense = fields.pop("dense", False)
+    known = set(LlamaConfig().to_dict()) | (set() if dense else ROUTING_FIELDS)
+    for key in fields:
+        if key not in known:
+            hint = " (routing fields need dense: false)" if key in ROUTING_FIELDS else _suggest(key, known)
+            raise RecipeError(f"unknown recipe key 'model.{key}'{hint}")
+    for key, value in (defaults or {}).items():
+        fields.setdefault(key, value)
+    try:
+        config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"model section: {error}") from error
+    if seq_len > config.max_position_embeddings:
+        raise RecipeError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}")
+    return config

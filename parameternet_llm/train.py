@@ -18,44 +18,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from . import ParameterNetLlamaConfig
 from .accounting import flops_per_token
 from .corpus import generate_corpus
-from .data import DataError, build_pretraining_data, iterate_documents, open_sources
-from .recipe import RecipeError, load_recipe
-from .tokenizer import TokenizerError, has_tokenizer, load_tokenizer, train_tokenizer
+from .data import build_pretraining_data, open_sources, training_documents
+from .errors import InputError
+from .recipe import RecipeError, load_recipe, model_config
+from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
 CHECKPOINT_PREFIX = "step-"
 # Dense bf16 tensor-core peak per device, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-ROUTING_FIELDS = set(ParameterNetLlamaConfig().to_dict()) - set(LlamaConfig().to_dict())
-
-
-def model_config(model_section: dict, tokenizer, seq_len: int) -> LlamaConfig:
-    """The recipe's model section as a config: LlamaConfig when `dense: true`, else ParameterNet's."""
-    fields = dict(model_section)
-    dense = fields.pop("dense", False)
-    known = set(LlamaConfig().to_dict()) | (set() if dense else ROUTING_FIELDS)
-    for key in fields:
-        if key not in known:
-            hint = " (routing fields need dense: false)" if key in ROUTING_FIELDS else ""
-            raise RecipeError(f"unknown recipe key 'model.{key}'{hint}")
-    fields.setdefault("vocab_size", len(tokenizer))
-    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
-    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
-    if fields["vocab_size"] < len(tokenizer):
-        raise RecipeError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
-    try:
-        config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
-    except (ValueError, TypeError) as error:
-        raise RecipeError(f"model section: {error}") from error
-    if seq_len > config.max_position_embeddings:
-        raise RecipeError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}")
-    config.use_cache = False
-    return config
 
 
 def prepare_tokenizer(recipe: dict, opened) -> object:
@@ -63,9 +38,9 @@ def prepare_tokenizer(recipe: dict, opened) -> object:
     path = section["path"]
     if section["train"] is not None and not has_tokenizer(path):
         options = section["train"]
-        documents = iterate_documents(opened, recipe["data"]["seed"], recipe["data"]["validation_documents"],
-                                      options.get("max_documents", 20000))
-        return train_tokenizer(documents, path, options.get("vocab_size", 8000))
+        documents = training_documents(opened, recipe["data"]["seed"], recipe["data"]["validation_documents"])
+        texts = (document["text"] for document in documents.take(options.get("max_documents", 20000)))
+        return train_tokenizer(texts, path, options.get("vocab_size", 8000))
     return load_tokenizer(path)
 
 
@@ -120,6 +95,9 @@ class Trainer:
         data = recipe["data"]
         self.resume_from = resolve_resume(train["resume"], self.output_dir)
         self.accelerator = Accelerator(
+            # Several processes on a machine without accelerators (torchrun, or `accelerate launch
+            # --multi_gpu` there): accelerate forms a gloo group only when told it runs on CPUs.
+            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available(),
             gradient_accumulation_steps=train["gradient_accumulation_steps"],
             mixed_precision=mixed_precision(train["mixed_precision"]),
             log_with=train["trackers"] or None,
@@ -133,7 +111,13 @@ class Trainer:
                 generate_corpus(corpus["path"], corpus.get("num_tokens", 3_000_000), corpus.get("seed", 0))
             opened = open_sources(data["sources"])
             self.tokenizer = prepare_tokenizer(recipe, opened)
-        self.config = model_config(recipe["model"], self.tokenizer, data["seq_len"])
+        tokenizer_ids = {"vocab_size": len(self.tokenizer), "bos_token_id": self.tokenizer.bos_token_id,
+                         "eos_token_id": self.tokenizer.eos_token_id}
+        self.config = model_config(recipe["model"], data["seq_len"], defaults=tokenizer_ids)
+        if self.config.vocab_size < len(self.tokenizer):
+            raise RecipeError(f"model.vocab_size={self.config.vocab_size} is smaller than the tokenizer "
+                              f"({len(self.tokenizer)} tokens)")
+        self.config.use_cache = False
         self.data = build_pretraining_data(
             opened, self.tokenizer, data["seq_len"], data["seed"], data["validation_documents"],
             recipe["eval"]["batches"] * train["micro_batch_size"], accelerator.process_index,
@@ -223,12 +207,13 @@ class Trainer:
                     out = self.model(input_ids=batch, labels=batch)
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
-                        window.grad_norms.append(accelerator.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
+                        window.add_grad_norm(accelerator.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 window.add(out, unwrapped.routing_stats() if routed else None)
             self.scheduler.step()
             self.step += 1
+            window.steps += 1
             progress.update(1)
             evaluate_now = self.step % recipe["eval"]["every"] == 0 or self.step == train["max_steps"]
             if self.step % train["log_every"] == 0 or evaluate_now:
@@ -246,7 +231,8 @@ class Trainer:
             if self.step % train["save_every"] == 0 or self.step == train["max_steps"]:
                 self.save_checkpoint()
         progress.close()
-        summary = {"step": self.step, "final": record, "ranks_in_sync": self.ranks_in_sync()}
+        summary = {"step": self.step, "num_processes": accelerator.num_processes, "final": record,
+                   "ranks_in_sync": self.ranks_in_sync()}
         self.save_final(summary)
         accelerator.end_training()
         return summary
@@ -297,6 +283,10 @@ class Window:
         self.started = time.perf_counter()
         self.steps = 0
 
+    def add_grad_norm(self, norm) -> None:
+        if norm is not None:  # DeepSpeed clips inside its engine and may not report the norm
+            self.grad_norms.append(torch.as_tensor(norm, dtype=torch.float32))
+
     def add(self, out, routing_stats) -> None:
         zero = torch.zeros_like(out.loss)
         aux, z = getattr(out, "aux_loss", None), getattr(out, "z_loss", None)
@@ -307,7 +297,6 @@ class Window:
             self.dropped.append(torch.stack([s["dropped"] for s in routing_stats.values()]).mean())
 
     def summary(self, accelerator, step: int, tokens_per_step: int, lr: float) -> dict:
-        steps = max(1, len(self.grad_norms))
         losses = accelerator.reduce(torch.stack(self.losses).mean(0), "mean").tolist()
         elapsed = time.perf_counter() - self.started
         record = {
@@ -317,9 +306,9 @@ class Window:
             "aux_loss": losses[2],
             "z_loss": losses[3],
             "lr": lr,
-            "grad_norm": torch.stack(self.grad_norms).float().mean().item() if self.grad_norms else None,
+            "grad_norm": torch.stack(self.grad_norms).mean().item() if self.grad_norms else None,
             "tokens": step * tokens_per_step,
-            "tokens_per_s": steps * tokens_per_step / elapsed,
+            "tokens_per_s": self.steps * tokens_per_step / elapsed,
             "expert_load_max": None,
             "dropped_frac": None,
         }
@@ -355,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         run(args.config, args.overrides)
-    except (RecipeError, DataError, TokenizerError) as error:  # these name the culprit; no traceback needed
+    except InputError as error:  # names the culprit; no traceback needed
         raise SystemExit(f"error: {error}") from None
 
 

@@ -1,0 +1,8 @@
+"""Errors about what the user gave (a recipe, a data source, a tokenizer, a config value).
+
+Command-line entry points print these as one line naming the culprit, without a traceback.
+"""
+
+
+class InputError(ValueError):
+    """Input that cannot be used; the message names the key, file or source at fault."""

@@ -1,0 +1,86 @@
+"""The embedded corpus (deterministic, three styles, states the world's facts) and the tokenizer."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from parameternet_llm.cli import main
+from parameternet_llm.corpus import SOURCES, World, generate_corpus
+from parameternet_llm.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate_corpus(tmp_path_factory.mktemp("c") / "corpus", num_tokens=200_000, seed=3)
+
+
+def read_source(corpus, source):
+    return [json.loads(line)["text"] for path in sorted((corpus / source).glob("*.jsonl"))
+            for line in path.read_text().splitlines()]
+
+
+def test_corpus_is_deterministic_and_seeded(corpus, tmp_path):
+    again = generate_corpus(tmp_path / "again", num_tokens=200_000, seed=3)
+    other = generate_corpus(tmp_path / "other", num_tokens=200_000, seed=4)
+    for source in SOURCES:
+        assert read_source(corpus, source) == read_source(again, source)
+        assert read_source(corpus, source) != read_source(other, source)
+
+
+def test_corpus_size_and_proportions(corpus):
+    words = {source: sum(len(text.split()) for text in read_source(corpus, source)) for source in SOURCES}
+    total_tokens = sum(words.values()) * 1.3
+    assert 180_000 <= total_tokens <= 240_000
+    assert words["web"] > words["wiki"] > words["arxiv"]
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and set(manifest["documents"]) == set(SOURCES)
+
+
+def test_sources_look_like_web_encyclopedia_and_latex(corpus):
+    assert all(text.startswith(r"\documentclass{article}") and r"\end{document}" in text
+               for text in read_source(corpus, "arxiv"))
+    wiki = read_source(corpus, "wiki")
+    assert all("\n\n" in text and "See also" in text for text in wiki)
+    web = read_source(corpus, "web")
+    assert all(text.splitlines()[0] in ("Home | About | Contact", "Menu  Search  Log in", "Skip to content")
+               for text in web)
+
+
+def test_corpus_states_the_worlds_facts(corpus):
+    world = World.generate(3)
+    assert json.loads((corpus / "world.json").read_text())["cities"][0]["name"] == world.cities[0].name
+    text = "\n".join(t for source in SOURCES for t in read_source(corpus, source))
+    for city in world.cities:
+        assert city.river in text and f"{city.name} is famous for its {city.product}" in text or \
+            f"The {city.product} of {city.name}" in text or f"{city.name} has traded in {city.product}" in text
+    for country in world.countries:
+        assert f"capital of {country.name} is {country.capital}" in text or \
+            f"{country.capital} is the capital of {country.name}" in text
+
+
+def test_tokenizer_is_llama_style_and_loads_with_autotokenizer(corpus, tmp_path):
+    train_tokenizer(read_source(corpus, "wiki")[:500], tmp_path / "tok", vocab_size=600)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    text = "Founded in 1626, naïve Zürich ☃."
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == 1 and tokenizer.decode(ids, skip_special_tokens=True) == text
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert {"1", "6", "2"} <= set(pieces) and "1626" not in pieces  # digits split
+    assert any(p.startswith("<0x") for p in pieces)  # byte fallback for unseen characters
+    assert (tmp_path / "tok" / "tokenizer.model").is_file()
+
+
+def test_cli_makes_corpus_and_trains_tokenizer(tmp_path, capsys):
+    main(["make-corpus", "--output", str(tmp_path / "c"), "--num-tokens", "30000", "--seed", "1"])
+    main(["train-tokenizer", "--files", str(tmp_path / "c" / "wiki" / "*.jsonl"), "--output", str(tmp_path / "t"),
+          "--vocab-size", "400", "--max-documents", "300"])
+    assert "tokenizer to" in capsys.readouterr().out
+    assert len(load_tokenizer(tmp_path / "t")) <= 400
+
+
+def test_unknown_tokenizer_is_named(tmp_path):
+    with pytest.raises(TokenizerError, match="no/such/tokenizer"):
+        load_tokenizer(tmp_path / "no/such/tokenizer")

@@ -1,0 +1,92 @@
+"""Recipes: the shipped files load and say what the paper says; bases, overrides and errors."""
+
+import glob
+from pathlib import Path
+
+import pytest
+
+from parameternet_llm.accounting import count_parameters
+from parameternet_llm.recipe import RecipeError, load_recipe, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+RECIPES = sorted(p for p in glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True) if "/accelerate/" not in p)
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert recipe["train"]["max_steps"] >= 1 and recipe["data"]["sources"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "accelerate").glob("*.yaml")))
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.num_processes >= 1 and config.mixed_precision == "bf16"
+
+
+def test_paper_recipes_match_table7():
+    expected = {"dense": 0.94, "x4": 1.54, "x8": 2.35}
+    for path in sorted((REPO / "recipes" / "paper").glob("llama-1b-*.yaml")):
+        recipe = load_recipe(path)
+        config = model_config(recipe["model"], recipe["data"]["seq_len"])
+        assert round(count_parameters(config)["total"] / 1e9, 2) == expected[path.stem.split("-")[-1]], path.name
+        assert recipe["data"]["seq_len"] == 2048
+        assert recipe["train"]["max_steps"] * 512 * 2048 >= 90e9  # the paper's token budget at 512 x 2048 per step
+        assert [s["name"] for s in recipe["data"]["sources"]] == ["c4", "wikipedia", "arxiv"]
+        if not recipe["model"]["dense"]:
+            assert recipe["model"]["router_aux_loss_coef"] == 0.01
+            assert recipe["model"]["moe_projections"] == [path.stem.split("-")[2] + "_proj"]
+
+
+def test_tiny_and_its_dense_twin_differ_only_in_the_experts():
+    tiny, dense = load_recipe(REPO / "recipes" / "tiny.yaml"), load_recipe(REPO / "recipes" / "tiny-dense.yaml")
+    assert {k: v for k, v in tiny.items() if k not in ("model", "output_dir")} == {
+        k: v for k, v in dense.items() if k not in ("model", "output_dir")}
+    shared = {k: v for k, v in tiny["model"].items() if k in dense["model"] and k != "dense"}
+    assert shared == {k: v for k, v in dense["model"].items() if k != "dense"}
+    assert tiny["model"]["num_experts"] == 4 and dense["model"]["dense"] is True
+
+
+def test_base_merges_mappings_and_replaces_the_rest(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "tokenizer: {path: tok}\ndata: {seq_len: 64, sources: [{name: a, weight: 1, files: a.jsonl}]}\n"
+        "train: {max_steps: 5, lr: 0.1}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {max_steps: 9}\n")
+    recipe = load_recipe(tmp_path / "child.yaml", ["train.warmup_steps=1"])
+    assert recipe["train"]["max_steps"] == 9 and recipe["train"]["lr"] == 0.1 and recipe["train"]["warmup_steps"] == 1
+    assert recipe["data"]["seq_len"] == 64
+
+
+def test_a_recipe_cannot_be_its_own_base(tmp_path):
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(RecipeError, match="its own base"):
+        load_recipe(tmp_path / "loop.yaml")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trian.max_steps=3"], "unknown recipe key 'trian' (did you mean 'train'?)"),
+        (["data.sources=[]"], "lists no data source"),
+        (["data.sources=[{name: a, weight: 1}]"], "exactly one of 'files' or 'hub'"),
+        (["data.sources=[{name: a, weight: -1, files: x}]"], "weight ('a') must be a number > 0"),
+        (["data.sources=[{name: a, weight: 1, hub: {path: x, nmae: y}}]"], "unknown recipe key 'data.sources[0].hub.nmae'"),
+        (["train.mixed_precision=fp8"], "must be one of"),
+        (["train.lr=high"], "'train.lr' must be float"),
+        (["tokenizer.path=null"], "'tokenizer.path' is not set"),
+        (["=3"], "not of the form"),
+    ],
+)
+def test_bad_recipes_name_the_key(overrides, message):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(REPO / "recipes" / "tiny.yaml", overrides)
+    assert message in str(error.value)
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")

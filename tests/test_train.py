@@ -1,0 +1,225 @@
+"""End-to-end pretraining on the embedded corpus: metrics, checkpoints, kill and resume, two processes, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from parameternet_llm.corpus import generate_corpus
+from parameternet_llm.errors import InputError
+from parameternet_llm.recipe import load_recipe
+from parameternet_llm.train import Trainer, checkpoints, run
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu",
+               "expert_load_max", "dropped_frac", "val_loss"}
+LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss", "expert_load_max", "dropped_frac")
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small corpus and recipes that train the repo's tiny recipes on it in seconds."""
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = generate_corpus(root / "corpus", num_tokens=150_000, seed=0)
+    recipes = {}
+    for name in ("tiny", "tiny-dense"):
+        recipe = root / f"{name}.yaml"
+        recipe.write_text(textwrap.dedent(f"""
+            base: {REPO / 'recipes' / (name + '.yaml')}
+            output_dir: {root / 'runs' / name}
+            model: {{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 2}}
+            data:
+              seq_len: 64
+              validation_documents: 20
+              corpus: {{path: {corpus}, num_tokens: 150000, seed: 0}}
+              sources:
+                - {{name: web, weight: 0.682, files: {corpus}/web/*.jsonl}}
+                - {{name: wiki, weight: 0.205, files: {corpus}/wiki/*.jsonl}}
+                - {{name: arxiv, weight: 0.114, files: {corpus}/arxiv/*.jsonl}}
+            tokenizer: {{path: {root / 'tokenizer'}, train: {{vocab_size: 512, max_documents: 2000}}}}
+            train: {{max_steps: 12, micro_batch_size: 4, warmup_steps: 2, log_every: 2, save_every: 4,
+                     keep_checkpoints: 2, progress_bar: false}}
+            eval: {{every: 6, batches: 2}}
+        """))
+        recipes[name] = recipe
+    return root, recipes
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def command(recipe, *overrides):
+    return [sys.executable, "-m", "parameternet_llm.train", "--config", str(recipe), *overrides]
+
+
+def test_tiny_recipe_logs_checkpoints_and_saves_a_loadable_model(small_world, tmp_path):
+    root, recipes = small_world
+    out = tmp_path / "run"
+    summary = run(str(recipes["tiny"]), [f"output_dir={out}", "train.trackers=[tensorboard]"])
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    for line in metrics:
+        assert METRIC_KEYS <= set(line)
+        assert line["mfu"] is None  # CPU
+        assert 0.25 <= line["expert_load_max"] <= 1 and 0 <= line["dropped_frac"] < 1
+        assert line["aux_loss"] >= 1.0 - 1e-4 and line["tokens"] == line["step"] * 4 * 64
+    assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] - 0.3
+    assert [m["val_loss"] is not None for m in metrics] == [False, False, True, False, False, True]
+    assert summary["ranks_in_sync"] is True and summary["num_processes"] == 1
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000008", "step-00000012"]
+    assert list((out / "runs").rglob("events.out.tfevents*")) or list(out.rglob("events.out.tfevents*"))
+
+    probe = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["parameternet_llm"] = None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(out / 'final')!r})
+        ids = tokenizer("The capital of", return_tensors="pt").input_ids
+        print(type(model).__name__, model.config.num_experts, model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1])
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["ParameterNetLlamaForCausalLM", "4", "True"]
+
+
+def test_dense_twin_trains_without_routing_metrics(small_world, tmp_path):
+    _, recipes = small_world
+    out = tmp_path / "dense"
+    run(str(recipes["tiny-dense"]), [f"output_dir={out}", "train.max_steps=4"])
+    metrics = read_metrics(out)
+    assert metrics[-1]["expert_load_max"] is None and metrics[-1]["aux_loss"] == 0.0
+    assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(small_world, tmp_path):
+    _, recipes = small_world
+    overrides = ["train.max_steps=24", "train.save_every=2", "train.log_every=2", "eval.every=6"]
+    run(str(recipes["tiny"]), [f"output_dir={tmp_path / 'straight'}", *overrides])
+    expected = read_metrics(tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(recipes["tiny"], f"output_dir={killed}", *overrides),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not any(p.name >= "step-00000006" for p in checkpoints(killed / "checkpoints")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+    stopped_at = json.loads((checkpoints(killed / "checkpoints")[-1] / "trainer_state.json").read_text())["step"]
+    assert stopped_at < 24
+
+    result = subprocess.run(command(recipes["tiny"], f"output_dir={killed}", *overrides), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoints'}" in result.stdout + result.stderr
+    resumed = read_metrics(killed)
+    assert [m["step"] for m in resumed] == [m["step"] for m in expected]
+    for got, want in zip(resumed, expected):
+        for key in LOSS_KEYS:
+            if want[key] is None:
+                assert got[key] is None, (got["step"], key)
+            else:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+
+
+def test_two_processes_train_and_agree(small_world, tmp_path):
+    _, recipes = small_world
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "parameternet_llm.train", "--config", str(recipes["tiny"]), f"output_dir={out}", "train.max_steps=4"]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["ranks_in_sync"] is True
+    newest = checkpoints(out / "checkpoints")[-1]
+    states = [json.loads((newest / f"data_state_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0] != states[1]
+    assert read_metrics(out)[-1]["tokens"] == 4 * 2 * 4 * 64
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_world):
+    _, recipes = small_world
+    out = small_world[0] / "runs" / "finished"
+    run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=4"])
+    return recipes["tiny"], out
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_stpes=3"], "unknown recipe key 'train.max_stpes' (did you mean 'max_steps'?)"),
+        (["model.num_expert=3"], "unknown recipe key 'model.num_expert'"),
+        (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_position_embeddings=512"),
+        (["train.max_steps"], "not of the form dotted.key=value"),
+        (["train.max_steps=many"], "'train.max_steps' must be int"),
+        (["model.num_experts=0"], "num_experts=0 is invalid"),
+        (["data.sources=[{name: web, weight: 1.0, files: /nonexistent/*.jsonl}]"], "'web': no file matches"),
+    ],
+)
+def test_bad_input_fails_early_and_loses_nothing(finished_run, overrides, message):
+    recipe, out = finished_run
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(InputError) as error:
+        run(str(recipe), [f"output_dir={out}", *overrides])
+    assert message in str(error.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_command_line_reports_bad_input_in_one_line(finished_run):
+    recipe, out = finished_run
+    result = subprocess.run(command(recipe, f"output_dir={out}", "train.max_stpes=3"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: unknown recipe key 'train.max_stpes' (did you mean 'max_steps'?)")
+
+
+def test_empty_source_fails_before_training(small_world, tmp_path):
+    _, recipes = small_world
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match="'arxiv' is empty"):
+        run(str(recipes["tiny"]), [f"output_dir={tmp_path / 'x'}",
+                                   f"data.sources=[{{name: arxiv, weight: 1.0, files: {tmp_path / 'empty.jsonl'}}}]"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(small_world, tmp_path):
+    _, recipes = small_world
+    out = tmp_path / "run"
+    run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=4"])
+    with pytest.raises(InputError, match="train.resume=auto"):
+        run(str(recipes["tiny"]), [f"output_dir={out}", "train.resume=null"])
+
+
+def test_crash_while_saving_keeps_the_last_good_checkpoint(small_world, tmp_path, monkeypatch):
+    _, recipes = small_world
+    out = tmp_path / "crash"
+    trainer = Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", "train.max_steps=8"]))
+    real_save_state = trainer.accelerator.save_state
+
+    def save_state_then_crash(path):
+        real_save_state(path)
+        if trainer.step == 8:
+            raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", save_state_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000004"]
+    monkeypatch.undo()
+    summary = run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=8"])
+    assert summary["step"] == 8 and [p.name for p in checkpoints(out / "checkpoints")][-1] == "step-00000008"
+    assert not list((out / "checkpoints").glob(".saving-*"))
