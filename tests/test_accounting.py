@@ -1,14 +1,17 @@
 """Parameter and FLOPs accounting against the paper's Table 7 and against instantiated models."""
 
+from pathlib import Path
+
 import pytest
 from conftest import TINY_SHAPE, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from parameternet_llm import ParameterNetLlamaForCausalLM
 from parameternet_llm.accounting import count_parameters, flops_per_token
-from parameternet_llm.cli import main
+from parameternet_llm.cli import human, main
 from parameternet_llm.presets import LLAMA_1B, table7_configs
 
+REPO = Path(__file__).resolve().parents[1]
 TABLE7_PARAMS_B = {"dense": 0.94, "x4": 1.54, "x8": 2.35}
 
 
@@ -67,8 +70,10 @@ def test_info_prints_table7_and_single_configs(capsys, tmp_path):
     assert "| dense | 0.94B |" in out and "| up_proj x8 | 2.35B |" in out and "| down_proj x4 | 1.54B |" in out
     tiny_config(num_experts=8).save_pretrained(tmp_path)
     main(["info", str(tmp_path), "--seq-len", "64"])
-    total = count_parameters(tiny_config(num_experts=8))["total"]
-    assert f"{total / 1e9:.2f}B" in capsys.readouterr().out
+    params = count_parameters(tiny_config(num_experts=8))
+    assert f"| {human(params['total'])} | {human(params['active'])} |" in capsys.readouterr().out
+    main(["info", str(REPO / "recipes" / "paper" / "llama-1b-down-x8.yaml")])
+    assert "| 2.35B | 0.94B |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
