@@ -1,10 +1,11 @@
 """ParameterNet for language models: LLaMA with top-1 routed expert projections (arXiv 2306.14525)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .modeling_parameternet_llama import (
     ParameterNetLlamaForCausalLM,
+    ParameterNetLlamaForSequenceClassification,
     ParameterNetLlamaModel,
     ParameterNetLlamaPreTrainedModel,
     RoutedLinear,
@@ -13,12 +14,16 @@ from .modeling_parameternet_llama import (
 AutoConfig.register(ParameterNetLlamaConfig.model_type, ParameterNetLlamaConfig, exist_ok=True)
 AutoModel.register(ParameterNetLlamaConfig, ParameterNetLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(
+    ParameterNetLlamaConfig, ParameterNetLlamaForSequenceClassification, exist_ok=True
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ParameterNetLlamaConfig",
     "ParameterNetLlamaForCausalLM",
+    "ParameterNetLlamaForSequenceClassification",
     "ParameterNetLlamaModel",
     "ParameterNetLlamaPreTrainedModel",
     "RoutedLinear",

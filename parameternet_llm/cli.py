@@ -89,6 +89,25 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.output}")
 
 
+def evaluate_command(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate, format_table
+
+    tasks = [task for task in args.tasks.split(",") if task]
+    rows = evaluate(args.checkpoints, tasks, args.output, args.include_path, args.batch_size, args.limit,
+                    args.seq_len)
+    print(format_table(rows, tasks), end="")
+    print(f"wrote {Path(args.output) / 'results.json'} and {Path(args.output) / 'table.md'}")
+
+
+def finetune_sst2_command(args: argparse.Namespace) -> None:
+    from .sst2 import finetune_sst2
+
+    result = finetune_sst2(args.checkpoint, args.output, args.train_file, args.validation_file, args.epochs,
+                           args.max_steps, args.lr, args.batch_size, args.max_length, args.seed)
+    print(f"SST-2 validation accuracy {100 * result['validation_accuracy']:.2f}% "
+          f"({result['validation_examples']} sentences, {result['steps']} steps); saved to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parameternet-llm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
     command.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
     command.set_defaults(handler=pretrain)
+
+    command = commands.add_parser("eval", help="zero-shot scores with lm-evaluation-harness, Table 7 style")
+    command.add_argument("checkpoints", nargs="+", help="HF checkpoint directories (e.g. runs/tiny/final)")
+    command.add_argument("--tasks", default="arc_easy,boolq,hellaswag",
+                         help="comma-separated lm-eval tasks (default: the paper's; offline: "
+                              "pnet_arc,pnet_boolq,pnet_hellaswag)")
+    command.add_argument("--include-path", help="extra lm-eval task folder (eval/tasks is always included)")
+    command.add_argument("--batch-size", type=int, default=8)
+    command.add_argument("--limit", type=int, help="score only the first N documents of each task")
+    command.add_argument("--seq-len", type=int, help="context length for FLOPs (default: the model's maximum)")
+    command.add_argument("--output", required=True, help="directory for results.json and table.md")
+    command.set_defaults(handler=evaluate_command)
+
+    command = commands.add_parser("finetune-sst2", help="fine-tune a classifier on SST-2, report validation accuracy")
+    command.add_argument("checkpoint", help="HF checkpoint directory")
+    command.add_argument("--output", required=True, help="directory for the fine-tuned classifier")
+    command.add_argument("--train-file", help="local SST-2 training split (GLUE train.tsv, csv, jsonl, parquet)")
+    command.add_argument("--validation-file", help="local SST-2 validation split (GLUE dev.tsv, ...)")
+    command.add_argument("--epochs", type=int, default=1)
+    command.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    command.add_argument("--lr", type=float, default=2e-5)
+    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--max-length", type=int, default=128)
+    command.add_argument("--seed", type=int, default=0)
+    command.set_defaults(handler=finetune_sst2_command)
 
     command = commands.add_parser("make-corpus", help="generate the embedded corpus (JSONL) and its world")
     command.add_argument("--output", required=True, help="directory to write")

@@ -12,6 +12,7 @@ AUTO_MAP = {
     "AutoConfig": "configuration_parameternet_llama.ParameterNetLlamaConfig",
     "AutoModel": "modeling_parameternet_llama.ParameterNetLlamaModel",
     "AutoModelForCausalLM": "modeling_parameternet_llama.ParameterNetLlamaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_parameternet_llama.ParameterNetLlamaForSequenceClassification",
 }
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -301,6 +301,11 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         """Every routed linear by its module name, in forward order."""
         return {name: module for name, module in self.named_modules() if isinstance(module, RoutedLinear)}
 
+    def router_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux_loss, z_loss) of the last forward: means over all routed linears."""
+        routings = [module.routing for module in self.routed_linears().values()]
+        return (torch.stack([r.aux_loss for r in routings]).mean(), torch.stack([r.z_loss for r in routings]).mean())
+
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per routed linear, from the last forward: `load` [E] (share of valid tokens per expert,
         1/E each when balanced) and `dropped` (share of valid tokens dropped by capacity)."""
@@ -387,13 +392,11 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
         )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        routings = [module.routing for module in self.routed_linears().values()]
-        return ParameterNetModelOutputWithPast(
-            **outputs,
-            aux_loss=torch.stack([r.aux_loss for r in routings]).mean(),
-            z_loss=torch.stack([r.z_loss for r in routings]).mean(),
-            router_logits=tuple(r.router_logits for r in routings) if output_router_logits else None,
-        )
+        aux_loss, z_loss = self.router_losses()
+        router_logits = None
+        if output_router_logits:
+            router_logits = tuple(module.routing.router_logits for module in self.routed_linears().values())
+        return ParameterNetModelOutputWithPast(**outputs, aux_loss=aux_loss, z_loss=z_loss, router_logits=router_logits)
 
 
 class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCausalLM):
@@ -444,12 +447,35 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
         return ParameterNetCausalLMOutputWithPast(loss=loss, lm_loss=lm_loss, logits=logits, **model_fields)
 
 
+class ParameterNetLlamaForSequenceClassification(GenericForSequenceClassification, ParameterNetLlamaPreTrainedModel):
+    """Classifier on the last real token (as LlamaForSequenceClassification); with labels, the loss adds
+    the weighted router losses as the causal LM's does."""
+
+    def __init__(self, config: ParameterNetLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = ParameterNetLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(self, *args, labels: torch.LongTensor | None = None, **kwargs):
+        outputs = super().forward(*args, labels=labels, return_dict=True, **kwargs)
+        if labels is not None:
+            aux_loss, z_loss = self.router_losses()
+            outputs.loss = (outputs.loss + self.config.router_aux_loss_coef * aux_loss
+                            + self.config.router_z_loss_coef * z_loss)
+        return outputs
+
+
 ParameterNetLlamaModel.register_for_auto_class("AutoModel")
 ParameterNetLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+ParameterNetLlamaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
     "RoutedLinear",
     "ParameterNetLlamaPreTrainedModel",
     "ParameterNetLlamaModel",
     "ParameterNetLlamaForCausalLM",
+    "ParameterNetLlamaForSequenceClassification",
 ]

@@ -1,0 +1,135 @@
+"""Zero-shot scoring with lm-evaluation-harness, side by side in the layout of the paper's Table 7."""
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+
+from .accounting import count_parameters, flops_per_token
+from .errors import InputError
+
+# The paper's zero-shot tasks (Table 7) by their lm-eval names; SST-2 is fine-tuned instead.
+PAPER_TASKS = ("arc_easy", "boolq", "hellaswag")
+# The offline tasks about the embedded corpus's world, in eval/tasks of a source checkout.
+OFFLINE_TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+
+
+class EvalError(InputError):
+    """A checkpoint or task that cannot be scored; the message names it and says what to do."""
+
+
+def reported_metric(task: str, metrics: dict) -> tuple[str, float]:
+    """HellaSwag-shaped tasks report length-normalised accuracy (as usually quoted), others accuracy."""
+    name = "acc_norm" if "hellaswag" in task and "acc_norm,none" in metrics else "acc"
+    return name, metrics[f"{name},none"]
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | Path | None):
+    """lm-eval's task index (slow to build: it reads every task YAML), once per include path."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in (include_path, OFFLINE_TASKS_DIR) if p is not None and Path(p).is_dir()]
+    if include_path is not None and not Path(include_path).is_dir():
+        raise EvalError(f"--include-path {str(include_path)!r} is not a directory")
+    return TaskManager(include_path=paths or None)
+
+
+def check_tasks(manager, tasks: list[str]) -> None:
+    """Every task must be known and its data loadable, before any model is loaded."""
+    for task in tasks:
+        if task not in manager.all_tasks:
+            raise EvalError(f"unknown task {task!r}: not an lm-eval task nor one under --include-path "
+                            f"(offline tasks: pnet_arc, pnet_boolq, pnet_hellaswag)")
+        try:
+            manager.load([task])
+        except Exception as error:
+            raise EvalError(
+                f"task {task!r} could not load its data ({error.__class__.__name__}: {str(error).splitlines()[0]}). "
+                "It is read from the Hugging Face hub: run once with network access to fill the HF datasets "
+                "cache (or copy a filled cache here and set HF_DATASETS_CACHE), or score the offline tasks "
+                "with --tasks pnet_arc,pnet_boolq,pnet_hellaswag."
+            ) from error
+
+
+def run_summary(checkpoint: Path) -> dict:
+    """Final train and validation loss from the metrics.jsonl of the run that wrote `checkpoint`."""
+    metrics_path = checkpoint.parent / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return {"train_loss": None, "val_loss": None}
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    val_losses = [line["val_loss"] for line in lines if line.get("val_loss") is not None]
+    return {"train_loss": lines[-1]["lm_loss"] if lines else None, "val_loss": val_losses[-1] if val_losses else None}
+
+
+def checkpoint_name(checkpoint: Path) -> str:
+    return checkpoint.parent.name if checkpoint.name == "final" else checkpoint.name
+
+
+def evaluate_checkpoint(checkpoint: Path, tasks: list[str], manager, batch_size: int, limit: int | None,
+                        seq_len: int | None) -> dict:
+    import lm_eval
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+    params = count_parameters(config)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(checkpoint), "trust_remote_code": True, "dtype": "auto"},
+        tasks=tasks,
+        task_manager=manager,
+        batch_size=batch_size,
+        limit=limit,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        log_samples=False,
+    )
+    scores = {}
+    for task in tasks:
+        metric, value = reported_metric(task, results["results"][task])
+        scores[task] = {"metric": metric, "value": value,
+                        "stderr": results["results"][task].get(f"{metric}_stderr,none")}
+    return {
+        "name": checkpoint_name(checkpoint),
+        "checkpoint": str(checkpoint),
+        "params": params["total"],
+        "active_params": params["active"],
+        "flops_per_token": flops_per_token(config, seq_len or config.max_position_embeddings),
+        **run_summary(checkpoint),
+        "scores": scores,
+        "average": sum(score["value"] for score in scores.values()) / len(scores),
+        "lm_eval": {task: results["results"][task] for task in tasks},
+    }
+
+
+def format_table(rows: list[dict], tasks: list[str]) -> str:
+    """Markdown in Table 7's layout: one row per checkpoint, accuracies in percent."""
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    header = ["model", "params", "active params", "GFLOPs/token", "train loss", "val loss",
+              *[f"{task} ({rows[0]['scores'][task]['metric']})" for task in tasks], "avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["name"], f"{row['params'] / 1e6:.2f}M", f"{row['active_params'] / 1e6:.2f}M",
+                 f"{row['flops_per_token'] / 1e9:.4f}", number(row["train_loss"], 3), number(row["val_loss"], 3),
+                 *[f"{100 * row['scores'][task]['value']:.2f}" for task in tasks], f"{100 * row['average']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(checkpoints: list[str], tasks: list[str], output: str | Path, include_path: str | None = None,
+             batch_size: int = 8, limit: int | None = None, seq_len: int | None = None) -> list[dict]:
+    """Score every checkpoint on every task; write output/results.json and output/table.md."""
+    paths = [Path(checkpoint) for checkpoint in checkpoints]
+    for path in paths:
+        if not (path / "config.json").is_file():
+            raise EvalError(f"checkpoint {str(path)!r} has no config.json: not a saved model directory")
+    manager = task_manager(include_path)
+    check_tasks(manager, tasks)
+    rows = [evaluate_checkpoint(path, tasks, manager, batch_size, limit, seq_len) for path in paths]
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps({"tasks": tasks, "rows": rows}, indent=1, default=str))
+    (output / "table.md").write_text(format_table(rows, tasks))
+    return rows

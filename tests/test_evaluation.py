@@ -1,0 +1,213 @@
+"""Zero-shot scoring with lm-eval on tiny checkpoints: offline tasks, both command lines, batch sizes, SST-2."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from parameternet_llm import ParameterNetLlamaForCausalLM, ParameterNetLlamaForSequenceClassification
+from parameternet_llm.cli import main
+from parameternet_llm.corpus import SOURCES, World, generate_corpus
+from parameternet_llm.errors import InputError
+from parameternet_llm.evaluation import EvalError, evaluate
+from parameternet_llm.sst2 import finetune_sst2
+from parameternet_llm.tasks import CHANCE, TASK_NAMES, generate_task_data
+from parameternet_llm.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO / "eval" / "tasks"
+OFFLINE = list(TASK_NAMES)
+
+
+def test_committed_task_data_is_the_generated_data():
+    for name, documents in generate_task_data(0).items():
+        lines = (TASKS_DIR / name / "test.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == documents, name
+
+
+def test_questions_ask_facts_of_the_world_in_words_the_corpus_never_uses(tmp_path):
+    world = World.generate(0)
+    tasks = generate_task_data(0)
+    corpus = generate_corpus(tmp_path / "corpus", num_tokens=300_000, seed=0)
+    text = "\n".join(json.loads(line)["text"] for source in SOURCES for path in (corpus / source).glob("*.jsonl")
+                     for line in path.read_text().splitlines())
+    for doc in tasks["pnet_arc"]:
+        assert doc["question"] not in text and len(set(doc["choices"])) == 4
+    for doc in tasks["pnet_boolq"]:
+        assert doc["passage"] not in text and doc["question"] not in text
+    for doc in tasks["pnet_hellaswag"]:
+        assert doc["ctx"] not in text and len(set(doc["endings"])) == 4
+    capitals = {c.name: c.capital for c in world.countries}
+    for doc in tasks["pnet_arc"]:
+        if "seat of government of" in doc["question"]:
+            country = doc["question"].rsplit(" ", 1)[-1].rstrip("?")
+            assert doc["choices"][doc["label"]] == capitals[country]
+    for ritual in world.rituals:  # the true ending is the step the corpus tells next
+        for doc in (d for d in tasks["pnet_hellaswag"] if ritual.name in d["ctx"]):
+            known = doc["ctx"].count(", and then ") + 1
+            assert doc["endings"][doc["label"]] == ritual.steps[known] + "."
+
+
+def test_chance_levels_hold():
+    tasks = generate_task_data(0)
+    yes = sum(doc["label"] for doc in tasks["pnet_boolq"]) / len(tasks["pnet_boolq"])
+    assert abs(yes - CHANCE["pnet_boolq"]) < 0.1
+    for name in ("pnet_arc", "pnet_hellaswag"):
+        labels = [doc["label"] for doc in tasks[name]]
+        assert all(labels.count(i) / len(labels) < 0.4 for i in range(4)), name
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained tiny ParameterNet with a tokenizer trained on the corpus: enough for the mechanics."""
+    root = tmp_path_factory.mktemp("eval")
+    corpus = generate_corpus(root / "corpus", num_tokens=60_000, seed=0)
+    texts = [json.loads(line)["text"] for line in (corpus / "wiki" / "wiki-000.jsonl").read_text().splitlines()]
+    tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=512)
+    config = tiny_config(vocab_size=len(tokenizer), num_experts=4, moe_projections=["up_proj", "down_proj"],
+                         max_position_embeddings=256, pad_token_id=None)
+    path = root / "run" / "final"
+    ParameterNetLlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path.parent / "metrics.jsonl").write_text(json.dumps({"step": 1, "lm_loss": 3.5, "val_loss": 3.75}) + "\n")
+    return path
+
+
+def test_eval_command_writes_results_and_table7_layout(checkpoint, tmp_path, capsys):
+    main(["eval", str(checkpoint), str(checkpoint), "--tasks", ",".join(OFFLINE), "--limit", "12",
+          "--output", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tasks"] == OFFLINE and len(results["rows"]) == 2
+    row = results["rows"][0]
+    assert row["name"] == "run" and row["train_loss"] == 3.5 and row["val_loss"] == 3.75
+    assert row["params"] > row["active_params"] > 0 and row["flops_per_token"] > 0
+    assert set(row["scores"]) == set(OFFLINE) and row["scores"]["pnet_hellaswag"]["metric"] == "acc_norm"
+    assert row["average"] == pytest.approx(sum(s["value"] for s in row["scores"].values()) / 3)
+    table = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert table[0].startswith("| model | params | active params | GFLOPs/token | train loss | val loss |")
+    assert len(table) == 4 and table[2].startswith("| run |") and "| 3.500 | 3.750 |" in table[2]
+    assert "table.md" in capsys.readouterr().out
+
+
+def test_scores_do_not_depend_on_batch_size(checkpoint, tmp_path):
+    scores = [evaluate([str(checkpoint)], OFFLINE, tmp_path / f"b{size}", batch_size=size, limit=16)[0]["lm_eval"]
+              for size in (1, 8)]
+    for task in OFFLINE:
+        assert scores[0][task]["acc,none"] == scores[1][task]["acc,none"], task
+        if "acc_norm,none" in scores[0][task]:
+            assert scores[0][task]["acc_norm,none"] == scores[1][task]["acc_norm,none"], task
+
+
+def test_harness_cli_scores_the_checkpoint_unchanged(checkpoint, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={checkpoint},trust_remote_code=True", "--tasks", "pnet_arc,pnet_boolq",
+         "--include_path", str(TASKS_DIR), "--limit", "8", "--device", "cpu", "--output_path", str(tmp_path / "h")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pnet_arc" in result.stdout and "pnet_boolq" in result.stdout and "acc" in result.stdout
+    written = list((tmp_path / "h").rglob("results_*.json"))
+    assert written and "pnet_arc" in json.loads(written[0].read_text())["results"]
+
+
+def test_paper_tasks_offline_fail_fast_with_advice(checkpoint, tmp_path):
+    with pytest.raises(EvalError, match="task 'arc_easy' could not load its data.*HF datasets cache.*pnet_arc"):
+        evaluate([str(checkpoint)], ["arc_easy", "boolq", "hellaswag"], tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "checkpoints, tasks, message",
+    [
+        (["{ckpt}"], ["pnet_arcc"], "unknown task 'pnet_arcc'"),
+        (["{tmp}/missing"], ["pnet_arc"], "has no config.json"),
+    ],
+)
+def test_bad_eval_input_is_named(checkpoint, tmp_path, checkpoints, tasks, message):
+    paths = [c.format(ckpt=checkpoint, tmp=tmp_path) for c in checkpoints]
+    with pytest.raises(EvalError, match=message):
+        evaluate(paths, tasks, tmp_path / "out")
+
+
+def write_sentiment(path: Path, count: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    words = {1: ["good", "great", "lovely", "superb"], 0: ["bad", "awful", "dull", "terrible"]}
+    filler = ["the", "film", "was", "really", "a", "story", "plot", "quite"]
+    rows = ["sentence\tlabel"]
+    for _ in range(count):
+        label = rng.randrange(2)
+        sentence = rng.sample(filler, 4) + [rng.choice(words[label])]
+        rng.shuffle(sentence)
+        rows.append(f"{' '.join(sentence)}\t{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_finetune_sst2_learns_a_classifier(checkpoint, tmp_path):
+    train = write_sentiment(tmp_path / "train.tsv", 320, 0)
+    dev = write_sentiment(tmp_path / "dev.tsv", 80, 1)
+    result = finetune_sst2(str(checkpoint), str(tmp_path / "sst2"), str(train), str(dev), epochs=3, lr=2e-3,
+                           batch_size=16)
+    assert result["validation_accuracy"] >= 0.85 and result["validation_examples"] == 80
+    classifier = ParameterNetLlamaForSequenceClassification.from_pretrained(tmp_path / "sst2")
+    assert classifier.config.num_labels == 2
+    assert json.loads((tmp_path / "sst2" / "sst2_results.json").read_text())["steps"] == result["steps"]
+
+
+def test_sequence_classification_loss_adds_router_losses():
+    model = ParameterNetLlamaForSequenceClassification(tiny_config(num_labels=3, router_z_loss_coef=0.1))
+    ids = torch.randint(3, 90, (2, 6))
+    labels = torch.tensor([0, 2])
+    out = model(input_ids=ids, labels=labels)
+    aux, z = model.router_losses()
+    expected = torch.nn.functional.cross_entropy(out.logits, labels) + 0.01 * aux + 0.1 * z
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_sst2_needs_data_it_can_read(tmp_path):
+    with pytest.raises(InputError, match="stanfordnlp/sst2.*--train-file"):
+        finetune_sst2("unused", str(tmp_path))
+    with pytest.raises(InputError, match="does not exist"):
+        finetune_sst2("unused", str(tmp_path), str(tmp_path / "a.tsv"), str(tmp_path / "b.tsv"))
+
+
+def test_pretraining_beats_an_untrained_model_on_an_offline_task(tmp_path):
+    """A few minutes of CPU pretraining on the embedded corpus teach what the festivals' next steps are."""
+    from parameternet_llm.train import run
+
+    recipe = tmp_path / "quick.yaml"
+    corpus = tmp_path / "corpus"
+    recipe.write_text(f"""
+base: {REPO / 'recipes' / 'tiny.yaml'}
+output_dir: {tmp_path / 'trained'}
+model: {{hidden_size: 96, intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 4}}
+data:
+  seq_len: 128
+  validation_documents: 20
+  corpus: {{path: {corpus}, num_tokens: 300000, seed: 0}}
+  sources:
+    - {{name: web, weight: 0.682, files: {corpus}/web/*.jsonl}}
+    - {{name: wiki, weight: 0.205, files: {corpus}/wiki/*.jsonl}}
+    - {{name: arxiv, weight: 0.114, files: {corpus}/arxiv/*.jsonl}}
+tokenizer: {{path: {tmp_path / 'tokenizer'}, train: {{vocab_size: 1024, max_documents: 5000}}}}
+train: {{max_steps: 120, micro_batch_size: 8, warmup_steps: 10, lr: 3.0e-3, log_every: 60, save_every: 120,
+         progress_bar: false}}
+eval: {{every: 120, batches: 2}}
+""")
+    run(str(recipe), [])
+    trained = tmp_path / "trained" / "final"
+    untrained = tmp_path / "untrained" / "final"
+    config = ParameterNetLlamaForCausalLM.from_pretrained(trained).config
+    torch.manual_seed(1)
+    ParameterNetLlamaForCausalLM(config).save_pretrained(untrained)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (untrained / name).write_bytes((trained / name).read_bytes())
+    rows = evaluate([str(trained), str(untrained)], OFFLINE, tmp_path / "scores")
+    gains = {task: rows[0]["scores"][task]["value"] - rows[1]["scores"][task]["value"] for task in OFFLINE}
+    assert max(gains.values()) >= 0.1, gains
