@@ -108,9 +108,47 @@ def finetune_sst2_command(args: argparse.Namespace) -> None:
           f"({result['validation_examples']} sentences, {result['steps']} steps); saved to {args.output}")
 
 
+def demo_command(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output, args.preset)
+
+
+def bench_command(args: argparse.Namespace) -> None:
+    import datetime
+    import shlex
+
+    from . import bench
+
+    projections = tuple(args.projections.split(","))
+    gpu = bench.device_and_dtype()[0].type == "cuda"
+    args.shape = args.shape or ("llama-1b" if gpu else "cpu-small")
+    args.seq_len = args.seq_len or (2048 if gpu else 256)
+    if args.what == "layer":
+        result = bench.bench_layer(args.tokens, args.in_features, args.out_features, args.experts,
+                                   tuple(args.backends.split(",")), args.capacity_factor, repeats=args.repeats or 20)
+    elif args.what == "train":
+        result = bench.bench_train(args.shape, args.batch_size, args.seq_len, args.experts, projections, args.backend,
+                                   repeats=args.repeats or 6)
+    else:
+        result = bench.bench_decode(args.shape, args.prompt_len, args.new_tokens, args.experts, projections,
+                                    args.backend, repeats=args.repeats or 3)
+    if args.save:
+        record = {**result, "date": datetime.date.today().isoformat(),
+                  "command": shlex.join(args.command_line)}
+        with open(args.save, "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parameternet-llm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    command = commands.add_parser("demo", help="the paper's Table 7 in miniature: corpus, tokenizer, dense and "
+                                                "ParameterNet pretraining, lm-eval scores, report and plots")
+    command.add_argument("--output", default="runs/demo", help="directory for everything the demo writes")
+    command.add_argument("--preset", help="cpu (default without a GPU), cpu-table7 or gpu (default with one)")
+    command.set_defaults(handler=demo_command)
 
     command = commands.add_parser("info", help="parameters and FLOPs per token of a model shape, checkpoint, "
                                                "config.json or recipe")
@@ -151,6 +189,27 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=finetune_sst2_command)
 
+    command = commands.add_parser("bench", help="speed against the dense twin: one routed linear, a training "
+                                                 "step, or batch-1 decoding")
+    command.add_argument("what", choices=["layer", "train", "decode"])
+    command.add_argument("--experts", type=int, default=8)
+    command.add_argument("--repeats", type=int, help="timed repeats (median reported)")
+    command.add_argument("--save", help="append the JSON result (with date and command) to this file")
+    command.add_argument("--tokens", type=int, default=16384, help="layer: tokens")
+    command.add_argument("--in-features", type=int, default=2048, help="layer: input width")
+    command.add_argument("--out-features", type=int, default=8192, help="layer: output width")
+    command.add_argument("--backends", default="auto", help="layer: comma-separated expert backends to time")
+    command.add_argument("--capacity-factor", type=float, help="layer: capacity factor (default dropless)")
+    command.add_argument("--shape", default=None, choices=["cpu-small", "llama-1b"],
+                         help="train/decode: model shape (default llama-1b on a GPU, cpu-small on a CPU)")
+    command.add_argument("--batch-size", type=int, default=8, help="train: sequences per step")
+    command.add_argument("--seq-len", type=int, default=None, help="train: tokens per sequence (256 CPU, 2048 GPU)")
+    command.add_argument("--projections", default="gate_proj,up_proj,down_proj", help="train/decode: routed projections")
+    command.add_argument("--backend", default="auto", help="train/decode: expert backend")
+    command.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens")
+    command.add_argument("--new-tokens", type=int, default=128, help="decode: generated tokens")
+    command.set_defaults(handler=bench_command)
+
     command = commands.add_parser("make-corpus", help="generate the embedded corpus (JSONL) and its world")
     command.add_argument("--output", required=True, help="directory to write")
     command.add_argument("--num-tokens", type=int, default=3_000_000, help="approximate size in tokens")
@@ -169,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.command_line = ["parameternet-llm", *(sys.argv[1:] if argv is None else argv)]
     try:
         args.handler(args)
     except InputError as error:

@@ -72,36 +72,34 @@ def routing_losses(logits, probs, chosen, valid):
     return aux_loss, z_loss, tokens_per_expert.detach()
 
 
-def loop_experts(x, weight, bias, expert, keep):
-    """Reference dispatch: one matmul per expert over its kept tokens; dropped tokens get 0."""
+def loop_experts(x, weight, bias, expert, scale):
+    """Reference dispatch: one matmul per expert over the tokens it keeps (scale != 0), each scaled."""
     out = x.new_zeros(x.shape[0], weight.shape[1])
     for e in range(weight.shape[0]):
-        index = torch.nonzero(keep & (expert == e)).squeeze(1)
+        index = torch.nonzero((expert == e) & (scale != 0)).squeeze(1)
         if index.numel():
-            out.index_copy_(0, index, F.linear(x[index], weight[e], None if bias is None else bias[e]))
+            expert_out = F.linear(x[index], weight[e], None if bias is None else bias[e])
+            out.index_copy_(0, index, expert_out * scale[index].unsqueeze(1))
     return out
 
 
-def grouped_mm_experts(x, weight, bias, expert, keep):
+def grouped_mm_experts(x, weight, bias, expert, scale):
     """Sorted dispatch through one `grouped_mm`, without host synchronisation.
 
-    Dropped tokens sort into a trailing group past the last offset, which grouped_mm leaves
-    uninitialised in the output and in the input gradient; both are masked to 0.
+    Every token goes through its top-1 expert, so the groups cover all rows (grouped_mm leaves rows
+    past the last offset uninitialised); dropped tokens and padding have scale 0, which zeroes their
+    output and their gradients.
     """
     num_experts = weight.shape[0]
-    group = torch.where(keep, expert, num_experts)
-    order = torch.argsort(group, stable=True)
-    group_sorted = group[order]
-    kept_sorted = (group_sorted < num_experts).unsqueeze(1)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device).scatter_add_(
-        0, group, torch.ones_like(group)
+    order = torch.argsort(expert, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+        0, expert, torch.ones_like(expert)
     )
-    offsets = counts[:num_experts].cumsum(0).to(torch.int32)
-    x_sorted = torch.where(kept_sorted, x[order], 0)
-    out_sorted = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offsets)
+    offsets = counts.cumsum(0).to(torch.int32)
+    out_sorted = F.grouped_mm(x[order], weight.transpose(1, 2), offs=offsets)
     if bias is not None:
-        out_sorted = out_sorted + bias[group_sorted.clamp(max=num_experts - 1)]
-    out_sorted = torch.where(kept_sorted, out_sorted, 0)
+        out_sorted = out_sorted + bias[expert[order]]
+    out_sorted = out_sorted * scale[order].unsqueeze(1)
     return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
 
 
@@ -194,8 +192,8 @@ class RoutedLinear(nn.Module):
         chosen = (expert.unsqueeze(1) == experts) & valid.unsqueeze(1)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         keep = capacity_keep(chosen, expert, valid, factor, self.min_capacity)
-        out = self.expert_backend(x)(x, self.weight, self.bias, expert, keep)
-        out = out * top_prob.to(out.dtype).unsqueeze(1)
+        scale = torch.where(keep, top_prob, 0).to(x.dtype)
+        out = self.expert_backend(x)(x, self.weight, self.bias, expert, scale)
 
         aux_loss, z_loss, expert_load = routing_losses(logits, probs, chosen, valid)
         dropped = (valid & ~keep).sum() / valid.sum().clamp(min=1)

@@ -1,0 +1,178 @@
+"""Speed of ParameterNet against its dense twin, measured in the same process.
+
+`parameternet-llm bench layer|train|decode` prints a table and, last, one JSON line with the ratio.
+bf16 on a GPU, fp32 on a CPU; warm-up first, then the median of several repeats.
+"""
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .configuration_parameternet_llama import ParameterNetLlamaConfig
+from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
+
+MODEL_SHAPES = {
+    # The CPU target shape of this project's speed work.
+    "cpu-small": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4,
+                      vocab_size=8000),
+    # The paper's LLaMA-1B.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=16, num_hidden_layers=12,
+                     vocab_size=32000),
+}
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(functions: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                        repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed in alternation so that drifts hit all of them alike."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def report(title: str, rows: list[tuple[str, str, str]], result: dict) -> dict:
+    print(title)
+    print("| what | time | vs dense |")
+    print("|---|---|---|")
+    for row in rows:
+        print(f"| {' | '.join(row)} |")
+    print(json.dumps(result))
+    return result
+
+
+def bench_layer(tokens: int = 16384, in_features: int = 2048, out_features: int = 8192, num_experts: int = 8,
+                backends: tuple[str, ...] = ("auto",), capacity_factor: float | None = None, warmup: int = 3,
+                repeats: int = 20) -> dict:
+    """One routed linear, forward + backward, against nn.Linear of the same shape."""
+    device, dtype = device_and_dtype()
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, out_features, device=device, dtype=dtype)
+    layers = {"dense": torch.nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)}
+    for backend in backends:
+        layers[backend] = RoutedLinear(in_features, out_features, num_experts, capacity_factor=capacity_factor,
+                                       backend=backend).to(device, dtype).train()
+
+    def step(layer):
+        def run():
+            layer(x).backward(grad)
+        return run
+
+    seconds = interleaved_medians({name: step(layer) for name, layer in layers.items()}, device, warmup, repeats)
+    dense = seconds["dense"]
+    rows = [(name, f"{1e3 * s:.3f} ms", f"{s / dense:.2f}x") for name, s in seconds.items()]
+    best = min((s for name, s in seconds.items() if name != "dense"), default=dense)
+    return report(
+        f"routed linear fwd+bwd: {tokens} tokens, {in_features}->{out_features}, {num_experts} experts, "
+        f"capacity {capacity_factor}, {dtype}, {describe_device(device)}",
+        rows,
+        {"bench": "layer", "device": describe_device(device), "dtype": str(dtype), "tokens": tokens,
+         "in": in_features, "out": out_features, "experts": num_experts,
+         "ms": {name: 1e3 * s for name, s in seconds.items()}, "ratio": best / dense},
+    )
+
+
+def twin_configs(shape: str, num_experts: int, projections: list[str], backend: str, seq_len: int):
+    fields = {**MODEL_SHAPES[shape], "max_position_embeddings": max(seq_len, 256), "tie_word_embeddings": False}
+    dense = LlamaConfig(**fields)
+    routed = ParameterNetLlamaConfig(**fields, num_experts=num_experts, moe_projections=projections,
+                                     moe_backend=backend)
+    return dense, routed
+
+
+def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 256, num_experts: int = 8,
+                projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"), backend: str = "auto",
+                warmup: int = 2, repeats: int = 6) -> dict:
+    """Training-step throughput (forward, backward, AdamW) of ParameterNet against its dense twin."""
+    device, dtype = device_and_dtype()
+    if device.type == "cpu":
+        torch.manual_seed(0)
+    dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend, seq_len)
+    steps = {}
+    for name, model in (("dense", LlamaForCausalLM(dense_config)), ("parameternet", ParameterNetLlamaForCausalLM(routed_config))):
+        model = model.to(device, dtype).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
+
+        def step(model=model, optimizer=optimizer, ids=ids):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    seconds = interleaved_medians(steps, device, warmup, repeats)
+    tokens = batch_size * seq_len
+    throughput = {name: tokens / s for name, s in seconds.items()}
+    ratio = throughput["parameternet"] / throughput["dense"]
+    rows = [(name, f"{1e3 * seconds[name]:.1f} ms/step, {throughput[name]:,.0f} tokens/s",
+             f"{throughput[name] / throughput['dense']:.3f}x") for name in seconds]
+    return report(
+        f"training step: {shape}, batch {batch_size} x {seq_len}, {num_experts} experts on {'+'.join(projections)}, "
+        f"backend {backend}, {dtype}, {describe_device(device)}",
+        rows,
+        {"bench": "train", "device": describe_device(device), "dtype": str(dtype), "shape": shape,
+         "batch": [batch_size, seq_len], "experts": num_experts, "projections": list(projections),
+         "tokens_per_s": throughput, "ratio": ratio},
+    )
+
+
+def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int = 128, num_experts: int = 8,
+                 projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"), backend: str = "auto",
+                 warmup: int = 1, repeats: int = 3) -> dict:
+    """Batch-1 greedy `generate` latency per new token, ParameterNet against its dense twin."""
+    device, dtype = device_and_dtype()
+    dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend,
+                                               prompt_len + new_tokens)
+    prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
+    runs = {}
+    for name, model in (("dense", LlamaForCausalLM(dense_config)), ("parameternet", ParameterNetLlamaForCausalLM(routed_config))):
+        model = model.to(device, dtype).eval()
+
+        def run(model=model):
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)
+
+        runs[name] = run
+    seconds = interleaved_medians(runs, device, warmup, repeats)
+    per_token = {name: 1e3 * s / new_tokens for name, s in seconds.items()}
+    ratio = per_token["parameternet"] / per_token["dense"]
+    rows = [(name, f"{per_token[name]:.2f} ms/token", f"{per_token[name] / per_token['dense']:.3f}x")
+            for name in per_token]
+    return report(
+        f"batch-1 greedy decode: {shape}, prompt {prompt_len}, {new_tokens} new tokens, {num_experts} experts on "
+        f"{'+'.join(projections)}, backend {backend}, {dtype}, {describe_device(device)}",
+        rows,
+        {"bench": "decode", "device": describe_device(device), "dtype": str(dtype), "shape": shape,
+         "new_tokens": new_tokens, "experts": num_experts, "projections": list(projections),
+         "ms_per_token": per_token, "ratio": ratio},
+    )

@@ -1,0 +1,39 @@
+"""The benchmarks run, compare against the dense twin in the same process and end with one JSON line."""
+
+import json
+
+import pytest
+
+from parameternet_llm import bench
+from parameternet_llm.cli import main
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_layer_bench_times_each_backend_against_nn_linear(capsys):
+    result = bench.bench_layer(tokens=64, in_features=32, out_features=48, num_experts=4,
+                               backends=("loop", "grouped_mm"), warmup=1, repeats=2)
+    printed = last_json_line(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result))
+    assert set(result["ms"]) == {"dense", "loop", "grouped_mm"} and all(v > 0 for v in result["ms"].values())
+    assert result["ratio"] == pytest.approx(min(result["ms"]["loop"], result["ms"]["grouped_mm"]) / result["ms"]["dense"])
+
+
+def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
+    monkeypatch.setitem(bench.MODEL_SHAPES, "test", dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                         num_hidden_layers=1, vocab_size=64))
+    train = bench.bench_train("test", batch_size=2, seq_len=16, num_experts=4, warmup=1, repeats=2)
+    assert train["ratio"] == pytest.approx(train["tokens_per_s"]["parameternet"] / train["tokens_per_s"]["dense"])
+    decode = bench.bench_decode("test", prompt_len=4, new_tokens=4, num_experts=4, warmup=0, repeats=1)
+    assert decode["ratio"] == pytest.approx(decode["ms_per_token"]["parameternet"] / decode["ms_per_token"]["dense"])
+    assert "| dense |" in capsys.readouterr().out
+
+
+def test_bench_command_saves_the_record(tmp_path, capsys):
+    main(["bench", "layer", "--tokens", "32", "--in-features", "16", "--out-features", "16", "--experts", "2",
+          "--repeats", "1", "--save", str(tmp_path / "results.jsonl")])
+    record = json.loads((tmp_path / "results.jsonl").read_text())
+    assert record["bench"] == "layer" and record["command"].startswith("parameternet-llm bench layer")
+    assert record == {**last_json_line(capsys.readouterr().out), "date": record["date"], "command": record["command"]}
