@@ -120,7 +120,7 @@ def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 25
     steps = {}
     for name, model in (("dense", LlamaForCausalLM(dense_config)), ("parameternet", ParameterNetLlamaForCausalLM(routed_config))):
         model = model.to(device, dtype).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
 
         def step(model=model, optimizer=optimizer, ids=ids):

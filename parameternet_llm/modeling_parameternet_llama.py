@@ -11,7 +11,6 @@ into every saved checkpoint and loaded with `trust_remote_code=True`.
 
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,40 +35,81 @@ from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlama
 logger = logging.get_logger(__name__)
 
 
-class Routing(NamedTuple):
-    """What one routed linear's last forward decided, for the losses and for logging."""
+def routing_summary(logits, probs, expert, valid, keep):
+    """Switch load-balancing loss, router z-loss, expert load and dropped share over the valid tokens.
 
-    router_logits: torch.Tensor  # [T, E] float32, every token (padding included)
-    aux_loss: torch.Tensor  # Switch load-balancing loss over valid tokens
-    z_loss: torch.Tensor  # router z-loss over valid tokens
-    expert_load: torch.Tensor  # [E] share of valid tokens whose top-1 is each expert (before dropping)
-    dropped_fraction: torch.Tensor  # share of valid tokens dropped by capacity
-
-
-def capacity_keep(chosen, expert, valid, capacity_factor, min_capacity):
-    """Tokens that fit their expert's capacity: C = max(min_capacity, ceil(factor * T_valid / E)).
-
-    `chosen` [T, E] marks each valid token's top-1 expert. Valid tokens claim slots in token order;
-    padding claims none. `capacity_factor=None` keeps every valid token. Sync-free: C stays a tensor.
+    Works on one routed linear ([T, E] logits) or on several stacked ([L, T, E]) at once; `valid` [T]
+    marks real tokens, `keep` [..., T] the tokens within capacity. Returns tensors shaped like the
+    leading dimensions: aux_loss, z_loss, expert_load [..., E], dropped_fraction.
     """
-    if capacity_factor is None:
-        return valid
-    position = chosen.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1
-    num_valid = valid.sum(dtype=torch.float64)
-    capacity = torch.clamp((capacity_factor * num_valid / chosen.shape[1]).ceil(), min=min_capacity)
-    return valid & (position < capacity)
-
-
-def routing_losses(logits, probs, chosen, valid):
-    """Switch load-balancing loss, router z-loss and expert load over the valid tokens."""
     num_experts = logits.shape[-1]
     weight = valid.to(logits.dtype)
     num_valid = weight.sum().clamp(min=1)
-    tokens_per_expert = chosen.to(logits.dtype).sum(0) / num_valid
-    mean_probs = (probs * weight.unsqueeze(1)).sum(0) / num_valid
-    aux_loss = num_experts * (tokens_per_expert * mean_probs).sum()
-    z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / num_valid
-    return aux_loss, z_loss, tokens_per_expert.detach()
+    chosen = (expert.unsqueeze(-1) == torch.arange(num_experts, device=expert.device)).to(logits.dtype)
+    tokens_per_expert = (chosen * weight.unsqueeze(-1)).sum(-2) / num_valid
+    mean_probs = (probs * weight.unsqueeze(-1)).sum(-2) / num_valid
+    aux_loss = num_experts * (tokens_per_expert * mean_probs).sum(-1)
+    z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum(-1) / num_valid
+    dropped = (valid & ~keep).sum(-1) / num_valid
+    return aux_loss, z_loss, tokens_per_expert.detach(), dropped.detach()
+
+
+@dataclass
+class Routing:
+    """What one routed linear's last forward decided; the losses and statistics follow from it."""
+
+    router_logits: torch.Tensor  # [T, E] float32, every token (padding included)
+    router_probs: torch.Tensor  # [T, E] softmax of the logits
+    expert: torch.Tensor  # [T] top-1 expert of every token
+    valid: torch.Tensor  # [T] real tokens (attention_mask = 1)
+    keep: torch.Tensor  # [T] valid tokens within their expert's capacity
+
+    def summary(self):
+        return routing_summary(self.router_logits, self.router_probs, self.expert, self.valid, self.keep)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return self.summary()[0]
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return self.summary()[1]
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """[E] share of valid tokens whose top-1 is each expert (before dropping)."""
+        return self.summary()[2]
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        return self.summary()[3]
+
+
+def stacked_summary(routings: list[Routing]):
+    """`routing_summary` of several routed linears of one forward (same tokens) in one pass."""
+    return routing_summary(
+        torch.stack([r.router_logits for r in routings]),
+        torch.stack([r.router_probs for r in routings]),
+        torch.stack([r.expert for r in routings]),
+        routings[0].valid,
+        torch.stack([r.keep for r in routings]),
+    )
+
+
+def capacity_keep(expert, valid, num_experts, capacity_factor, min_capacity):
+    """Tokens that fit their expert's capacity: C = max(min_capacity, ceil(factor * T_valid / E)).
+
+    Valid tokens claim slots in token order; padding claims none. `capacity_factor=None` keeps every
+    valid token. Sync-free: C stays a tensor, and the [T, E] claims come from a comparison (one_hot
+    would check its range on the host).
+    """
+    if capacity_factor is None:
+        return valid
+    claims = (expert.unsqueeze(1) == torch.arange(num_experts, device=expert.device)) & valid.unsqueeze(1)
+    position = claims.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1
+    num_valid = valid.sum(dtype=torch.float64)
+    capacity = torch.clamp((capacity_factor * num_valid / num_experts).ceil(), min=min_capacity)
+    return valid & (position < capacity)
 
 
 def loop_experts(x, weight, bias, expert, scale):
@@ -83,27 +123,60 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
+class PermuteRows(torch.autograd.Function):
+    """`x[index]` for a permutation `index`, whose gradient is the gather by the inverse permutation
+    (not the scatter-add that autograd uses for a general index)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 def grouped_mm_experts(x, weight, bias, expert, scale):
     """Sorted dispatch through one `grouped_mm`, without host synchronisation.
 
     Every token goes through its top-1 expert, so the groups cover all rows (grouped_mm leaves rows
     past the last offset uninitialised); dropped tokens and padding have scale 0, which zeroes their
-    output and their gradients.
+    output and their gradients. Without a bias, p * (W x) = W (p x): the scale is applied on the
+    narrower of input and output, the cheaper pass over activations.
     """
     num_experts = weight.shape[0]
+    scale_input = bias is None and weight.shape[2] < weight.shape[1]
+    if scale_input:
+        x = x * scale.unsqueeze(1)
     order = torch.argsort(expert, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
         0, expert, torch.ones_like(expert)
     )
     offsets = counts.cumsum(0).to(torch.int32)
-    out_sorted = F.grouped_mm(x[order], weight.transpose(1, 2), offs=offsets)
+    out_sorted = F.grouped_mm(PermuteRows.apply(x, order, inverse), weight.transpose(1, 2), offs=offsets)
     if bias is not None:
         out_sorted = out_sorted + bias[expert[order]]
-    out_sorted = out_sorted * scale[order].unsqueeze(1)
-    return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+    out = PermuteRows.apply(out_sorted, inverse, order)
+    return out if scale_input else out * scale.unsqueeze(1)
 
 
-EXPERT_BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts}
+def gathered_experts(x, weight, bias, expert, scale):
+    """Few tokens (decoding): every token's expert matrix, gathered, in one batched matrix-vector product.
+
+    A handful of kernels per routed linear, and a token reads only its expert's weights, as dense does.
+    """
+    out = torch.bmm(weight.index_select(0, expert), x.unsqueeze(-1)).squeeze(-1)
+    if bias is not None:
+        out = out + bias.index_select(0, expert)
+    return out * scale.unsqueeze(1)
+
+
+EXPERT_BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "gathered": gathered_experts}
+# Without gradients, up to this many tokens (batch-1 or small-batch decoding) take `gathered_experts`.
+FEW_TOKENS = 4
 
 
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -166,9 +239,11 @@ class RoutedLinear(nn.Module):
         )
 
     def expert_backend(self, x: torch.Tensor):
-        if self.backend == "auto":
-            return grouped_mm_experts if grouped_mm_supported(x, self.weight) else loop_experts
-        return EXPERT_BACKENDS[self.backend]
+        if self.backend != "auto":
+            return EXPERT_BACKENDS[self.backend]
+        if x.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled():
+            return gathered_experts
+        return grouped_mm_experts if grouped_mm_supported(x, self.weight) else loop_experts
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`x` [..., in]; `attention_mask` [...] with 1 for real tokens and 0 for padding (None = all real)."""
@@ -187,17 +262,11 @@ class RoutedLinear(nn.Module):
         probs = logits.softmax(dim=-1)
         top_prob, expert = probs.max(dim=-1)
 
-        # [T, E] top-1 choices of valid tokens; a comparison, since one_hot checks its range on the host.
-        experts = torch.arange(self.num_experts, device=x.device)
-        chosen = (expert.unsqueeze(1) == experts) & valid.unsqueeze(1)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        keep = capacity_keep(chosen, expert, valid, factor, self.min_capacity)
+        keep = capacity_keep(expert, valid, self.num_experts, factor, self.min_capacity)
         scale = torch.where(keep, top_prob, 0).to(x.dtype)
         out = self.expert_backend(x)(x, self.weight, self.bias, expert, scale)
-
-        aux_loss, z_loss, expert_load = routing_losses(logits, probs, chosen, valid)
-        dropped = (valid & ~keep).sum() / valid.sum().clamp(min=1)
-        self.routing = Routing(logits, aux_loss, z_loss, expert_load, dropped.detach())
+        self.routing = Routing(logits, probs, expert, valid, keep)
         return out.reshape(*leading_shape, self.out_features)
 
 
@@ -301,17 +370,17 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
 
     def router_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux_loss, z_loss) of the last forward: means over all routed linears."""
-        routings = [module.routing for module in self.routed_linears().values()]
-        return (torch.stack([r.aux_loss for r in routings]).mean(), torch.stack([r.z_loss for r in routings]).mean())
+        aux_loss, z_loss, _, _ = stacked_summary([m.routing for m in self.routed_linears().values()])
+        return aux_loss.mean(), z_loss.mean()
 
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per routed linear, from the last forward: `load` [E] (share of valid tokens per expert,
         1/E each when balanced) and `dropped` (share of valid tokens dropped by capacity)."""
-        return {
-            name: {"load": module.routing.expert_load, "dropped": module.routing.dropped_fraction}
-            for name, module in self.routed_linears().items()
-            if module.routing is not None
-        }
+        routed = {name: module.routing for name, module in self.routed_linears().items() if module.routing}
+        if not routed:
+            return {}
+        _, _, loads, dropped = stacked_summary(list(routed.values()))
+        return {name: {"load": loads[i], "dropped": dropped[i]} for i, name in enumerate(routed)}
 
     def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, **kwargs):
         """Checkpoint non-reentrantly: a reentrant replay runs the forward without gradients, which would

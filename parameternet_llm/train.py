@@ -132,7 +132,7 @@ class Trainer:
                 {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
             ],
             lr=train["lr"], betas=(train["adam_beta1"], train["adam_beta2"]), eps=train["adam_eps"],
-            fused=accelerator.device.type == "cuda",
+            fused=True,  # one kernel per step on CUDA and CPU alike
         )
         # Stepped once per optimizer step here, so not handed to accelerate (which would step it per process).
         self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(

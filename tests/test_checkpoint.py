@@ -38,6 +38,7 @@ def test_save_writes_weights_remote_code_and_auto_map(checkpoint):
         "AutoConfig": "configuration_parameternet_llama.ParameterNetLlamaConfig",
         "AutoModel": "modeling_parameternet_llama.ParameterNetLlamaModel",
         "AutoModelForCausalLM": "modeling_parameternet_llama.ParameterNetLlamaForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_parameternet_llama.ParameterNetLlamaForSequenceClassification",
     }
     assert config["num_experts"] == 4 and config["moe_projections"] == ["gate_proj", "down_proj"]
     assert config["moe_layers"] == [0]
