@@ -114,12 +114,12 @@ def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 25
                 warmup: int = 2, repeats: int = 6) -> dict:
     """Training-step throughput (forward, backward, AdamW) of ParameterNet against its dense twin."""
     device, dtype = device_and_dtype()
-    if device.type == "cpu":
-        torch.manual_seed(0)
     dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend, seq_len)
     steps = {}
-    for name, model in (("dense", LlamaForCausalLM(dense_config)), ("parameternet", ParameterNetLlamaForCausalLM(routed_config))):
-        model = model.to(device, dtype).train()
+    for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
+                                      ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
+        with device:  # initialise on the device: a CPU init of LLaMA-1B with 8 experts takes minutes
+            model = model_class(config).to(dtype).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
 
@@ -154,8 +154,10 @@ def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int
                                                prompt_len + new_tokens)
     prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
     runs = {}
-    for name, model in (("dense", LlamaForCausalLM(dense_config)), ("parameternet", ParameterNetLlamaForCausalLM(routed_config))):
-        model = model.to(device, dtype).eval()
+    for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
+                                      ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
+        with device:
+            model = model_class(config).to(dtype).eval()
 
         def run(model=model):
             with torch.no_grad():

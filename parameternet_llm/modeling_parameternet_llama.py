@@ -446,7 +446,7 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
         routing_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            routing_mask = attention_mask[:, -new_tokens:]
+            routing_mask = attention_mask[:, -new_tokens:].bool()
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
