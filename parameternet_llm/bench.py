@@ -15,16 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
-
-MODEL_SHAPES = {
-    # The CPU target shape of this project's speed work.
-    "cpu-small": dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_hidden_layers=4,
-                      vocab_size=8000),
-    # The paper's LLaMA-1B.
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=16, num_hidden_layers=12,
-                     vocab_size=32000),
-}
-
+from .presets import MODEL_SHAPES
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
@@ -102,7 +93,7 @@ def bench_layer(tokens: int = 16384, in_features: int = 2048, out_features: int 
 
 
 def twin_configs(shape: str, num_experts: int, projections: list[str], backend: str, seq_len: int):
-    fields = {**MODEL_SHAPES[shape], "max_position_embeddings": max(seq_len, 256), "tie_word_embeddings": False}
+    fields = {**MODEL_SHAPES[shape], "max_position_embeddings": max(seq_len, 2048)}
     dense = LlamaConfig(**fields)
     routed = ParameterNetLlamaConfig(**fields, num_experts=num_experts, moe_projections=projections,
                                      moe_backend=backend)

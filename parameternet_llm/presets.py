@@ -15,7 +15,17 @@ LLAMA_1B = dict(
     tie_word_embeddings=False,
 )
 
-MODEL_SHAPES = {"llama-1b": LLAMA_1B}
+# The CPU shape of this project's speed measurements.
+CPU_SMALL = dict(
+    vocab_size=8000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_attention_heads=4,
+    num_hidden_layers=4,
+    tie_word_embeddings=False,
+)
+
+MODEL_SHAPES = {"llama-1b": LLAMA_1B, "cpu-small": CPU_SMALL}
 
 
 def table7_configs(shape: dict = LLAMA_1B) -> dict[str, LlamaConfig]:
