@@ -4,7 +4,6 @@ import json
 from collections import Counter
 
 import pytest
-from transformers import AutoTokenizer
 
 from parameternet_llm.data import (
     DataError,
