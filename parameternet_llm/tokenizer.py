@@ -1,5 +1,7 @@
 """LLaMA-style SentencePiece BPE tokenizers, trained here and saved in transformers' format."""
 
+import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +22,10 @@ def train_tokenizer(texts: Iterable[str], output_dir: str | Path, vocab_size: in
     import sentencepiece as spm
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # Written beside its place and moved in when complete, so an interrupted run leaves no half tokenizer.
+    staging = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     lines = (line for text in texts for line in text.splitlines() if line.strip())
     with tempfile.TemporaryDirectory() as scratch:
         prefix = str(Path(scratch) / "tokenizer")
@@ -47,14 +52,18 @@ def train_tokenizer(texts: Iterable[str], output_dir: str | Path, vocab_size: in
             minloglevel=2,
         )
         tokenizer = LlamaTokenizer.from_pretrained(scratch, add_bos_token=True, **SPECIAL_TOKENS)
-        tokenizer.save_pretrained(output_dir)
-        (output_dir / "tokenizer.model").write_bytes(Path(prefix + ".model").read_bytes())
+        tokenizer.save_pretrained(staging)
+        (staging / "tokenizer.model").write_bytes(Path(prefix + ".model").read_bytes())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # tokenizer.json last: its presence is what marks a finished tokenizer (see has_tokenizer).
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == "tokenizer.json"):
+        os.replace(path, output_dir / path.name)
+    staging.rmdir()
     return load_tokenizer(output_dir)
 
 
 def has_tokenizer(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()
+    return (Path(path) / "tokenizer.json").is_file()
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
