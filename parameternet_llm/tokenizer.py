@@ -13,6 +13,7 @@ class TokenizerError(InputError):
     """A tokenizer that cannot be loaded; the message names it."""
 
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model")
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
@@ -55,15 +56,15 @@ def train_tokenizer(texts: Iterable[str], output_dir: str | Path, vocab_size: in
         tokenizer.save_pretrained(staging)
         (staging / "tokenizer.model").write_bytes(Path(prefix + ".model").read_bytes())
     output_dir.mkdir(parents=True, exist_ok=True)
-    # tokenizer.json last: its presence is what marks a finished tokenizer (see has_tokenizer).
-    for path in sorted(staging.iterdir(), key=lambda p: p.name == "tokenizer.json"):
+    # The vocabulary files last: their presence is what marks a finished tokenizer (see has_tokenizer).
+    for path in sorted(staging.iterdir(), key=lambda p: p.name in VOCABULARY_FILES):
         os.replace(path, output_dir / path.name)
     staging.rmdir()
     return load_tokenizer(output_dir)
 
 
 def has_tokenizer(path: str | Path) -> bool:
-    return (Path(path) / "tokenizer.json").is_file()
+    return any((Path(path) / name).is_file() for name in VOCABULARY_FILES)
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
