@@ -11,6 +11,7 @@ into every saved checkpoint and loaded with `trust_remote_code=True`.
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,34 +39,44 @@ logger = logging.get_logger(__name__)
 def routing_summary(logits, probs, expert, valid, keep):
     """Switch load-balancing loss, router z-loss, expert load and dropped share over the valid tokens.
 
-    Works on one routed linear ([T, E] logits) or on several stacked ([L, T, E]) at once; `valid` [T]
+    Works on one routed linear ([E, T] logits) or on several stacked ([L, E, T]) at once; `valid` [T]
     marks real tokens, `keep` [..., T] the tokens within capacity. Returns tensors shaped like the
     leading dimensions: aux_loss, z_loss, expert_load [..., E], dropped_fraction.
     """
-    num_experts = logits.shape[-1]
+    num_experts = logits.shape[-2]
     weight = valid.to(logits.dtype)
     num_valid = weight.sum().clamp(min=1)
-    chosen = (expert.unsqueeze(-1) == torch.arange(num_experts, device=expert.device)).to(logits.dtype)
-    tokens_per_expert = (chosen * weight.unsqueeze(-1)).sum(-2) / num_valid
-    mean_probs = (probs * weight.unsqueeze(-1)).sum(-2) / num_valid
+    chosen = (expert.unsqueeze(-2) == torch.arange(num_experts, device=expert.device).unsqueeze(1)).to(logits.dtype)
+    tokens_per_expert = (chosen @ weight) / num_valid
+    mean_probs = (probs @ weight) / num_valid
     aux_loss = num_experts * (tokens_per_expert * mean_probs).sum(-1)
-    z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum(-1) / num_valid
+    z_loss = (torch.logsumexp(logits, dim=-2).square() @ weight) / num_valid
     dropped = (valid & ~keep).sum(-1) / num_valid
     return aux_loss, z_loss, tokens_per_expert.detach(), dropped.detach()
 
 
 @dataclass
 class Routing:
-    """What one routed linear's last forward decided; the losses and statistics follow from it."""
+    """What one routed linear's last forward decided; the losses and statistics follow from it.
 
-    router_logits: torch.Tensor  # [T, E] float32, every token (padding included)
-    router_probs: torch.Tensor  # [T, E] softmax of the logits
+    Router logits and probabilities are kept experts-first, [E, T]: the per-token softmax and the
+    losses then reduce over rows of contiguous tokens, several times faster on a CPU than over E
+    columns.
+    """
+
+    logits: torch.Tensor  # [E, T] float32, every token (padding included)
+    probs: torch.Tensor  # [E, T] softmax of the logits over experts
     expert: torch.Tensor  # [T] top-1 expert of every token
     valid: torch.Tensor  # [T] real tokens (attention_mask = 1)
     keep: torch.Tensor  # [T] valid tokens within their expert's capacity
 
+    @property
+    def router_logits(self) -> torch.Tensor:
+        """[T, E] router logits (a view)."""
+        return self.logits.t()
+
     def summary(self):
-        return routing_summary(self.router_logits, self.router_probs, self.expert, self.valid, self.keep)
+        return routing_summary(self.logits, self.probs, self.expert, self.valid, self.keep)
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -88,28 +99,44 @@ class Routing:
 def stacked_summary(routings: list[Routing]):
     """`routing_summary` of several routed linears of one forward (same tokens) in one pass."""
     return routing_summary(
-        torch.stack([r.router_logits for r in routings]),
-        torch.stack([r.router_probs for r in routings]),
+        torch.stack([r.logits for r in routings]),
+        torch.stack([r.probs for r in routings]),
         torch.stack([r.expert for r in routings]),
         routings[0].valid,
         torch.stack([r.keep for r in routings]),
     )
 
 
-def capacity_keep(expert, valid, num_experts, capacity_factor, min_capacity):
-    """Tokens that fit their expert's capacity: C = max(min_capacity, ceil(factor * T_valid / E)).
+class ExpertOrder(NamedTuple):
+    """Tokens grouped by expert: within an expert, valid tokens first, each part in token order."""
 
-    Valid tokens claim slots in token order; padding claims none. `capacity_factor=None` keeps every
-    valid token. Sync-free: C stays a tensor, and the [T, E] claims come from a comparison (one_hot
-    would check its range on the host).
+    order: torch.Tensor  # [T] token of each sorted row
+    inverse: torch.Tensor  # [T] sorted row of each token
+    counts: torch.Tensor  # [E] rows per expert (padding included)
+
+
+def sort_by_expert(expert: torch.Tensor, valid: torch.Tensor, num_experts: int) -> ExpertOrder:
+    """One stable sort serves both the grouped dispatch and the capacity (a token's rank in its group)."""
+    order = torch.argsort(2 * expert + (~valid).long(), stable=True)
+    rows = torch.arange(order.numel(), device=order.device)
+    inverse = torch.empty_like(order).scatter_(0, order, rows)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert.device).scatter_add_(
+        0, expert, torch.ones_like(expert)
+    )
+    return ExpertOrder(order, inverse, counts)
+
+
+def capacity_keep(expert, valid, expert_order: ExpertOrder, capacity_factor, min_capacity):
+    """Valid tokens within their expert's capacity C = max(min_capacity, ceil(factor * T_valid / E)).
+
+    Valid tokens claim slots in token order and padding claims none, so a valid token's slot is its
+    row in the sorted order minus its group's first row. Sync-free: C stays a tensor.
     """
-    if capacity_factor is None:
-        return valid
-    claims = (expert.unsqueeze(1) == torch.arange(num_experts, device=expert.device)) & valid.unsqueeze(1)
-    position = claims.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1) - 1
+    group_start = expert_order.counts.cumsum(0) - expert_order.counts
+    slot = expert_order.inverse - group_start[expert]
     num_valid = valid.sum(dtype=torch.float64)
-    capacity = torch.clamp((capacity_factor * num_valid / num_experts).ceil(), min=min_capacity)
-    return valid & (position < capacity)
+    capacity = torch.clamp((capacity_factor * num_valid / expert_order.counts.numel()).ceil(), min=min_capacity)
+    return valid & (slot < capacity)
 
 
 def loop_experts(x, weight, bias, expert, scale):
@@ -123,58 +150,122 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
-class PermuteRows(torch.autograd.Function):
-    """`x[index]` for a permutation `index`, whose gradient is the gather by the inverse permutation
-    (not the scatter-add that autograd uses for a general index)."""
+def route(router_weight, router_input, valid, capacity_factor, min_capacity, sort: bool):
+    """The router's decisions for every token: logits and probabilities [E, T] (float32), the top-1
+    probability and expert [T], the tokens kept within capacity [T], and, if sorted, the `ExpertOrder`."""
+    logits = router_weight.float() @ router_input.float().t()
+    probs = logits.softmax(dim=0)
+    top_prob, expert = probs.max(dim=0)
+    expert_order = None
+    if sort or capacity_factor is not None:
+        expert_order = sort_by_expert(expert, valid, router_weight.shape[0])
+    keep = valid if capacity_factor is None else capacity_keep(expert, valid, expert_order, capacity_factor, min_capacity)
+    return logits, probs, top_prob, expert, keep, expert_order
+
+
+class RoutedExperts(torch.autograd.Function):
+    """Router, capacity and the sorted `grouped_mm` dispatch as one autograd node, without host sync.
+
+    y = p * (W_e x + b_e) for every token with its top-1 expert e and probability p (0 when dropped or
+    padding). Tokens are sorted by expert; every token goes through its expert, so the groups cover all
+    rows (grouped_mm leaves rows past the last offset uninitialised). Forward: gather in, one
+    grouped_mm, gather out; backward: gather the gradient, two grouped_mms, gather out. Without a bias
+    p (W x) = W (p x), so p and its gradient (<W_e^T g, x> on the input side, <g, W_e x + b_e> on the
+    output side) are taken on the narrower of input and output. The router's gradient (through p, and
+    through the logits and probabilities that the losses read) joins the input's gradient in the
+    matrix product that computes it.
+    """
 
     @staticmethod
-    def forward(ctx, x, index, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
+    def forward(ctx, x, router_input, router_weight, weight, bias, valid, capacity_factor, min_capacity):
+        logits, probs, top_prob, expert, keep, (order, inverse, counts) = route(
+            router_weight, router_input, valid, capacity_factor, min_capacity, sort=True
+        )
+        offsets = counts.cumsum(0).to(torch.int32)
+        scale_sorted = torch.where(keep, top_prob, 0).to(x.dtype).index_select(0, order).unsqueeze(1)
+        ctx.scale_input = bias is None and weight.shape[2] <= weight.shape[1]
+        ctx.router_input_is_x = router_input is x
+        if ctx.scale_input:
+            sorted_input = x.index_select(0, order).mul_(scale_sorted)
+            out_sorted = F.grouped_mm(sorted_input, weight.transpose(1, 2), offs=offsets)
+            product = None
+        else:
+            sorted_input = x.index_select(0, order)
+            product = F.grouped_mm(sorted_input, weight.transpose(1, 2), offs=offsets)
+            if bias is not None:
+                product += bias.index_select(0, expert.index_select(0, order))
+            out_sorted = product * scale_sorted
+        ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale_sorted,
+                              probs, expert, keep, order, inverse, offsets)
+        ctx.mark_non_differentiable(expert, keep)
+        return out_sorted.index_select(0, inverse), logits, probs, expert, keep
 
     @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
+    def backward(ctx, grad_out, grad_logits, grad_probs, _grad_expert, _grad_keep):
+        (x, router_input, router_weight, weight, bias, sorted_input, product, scale_sorted, probs, expert, keep,
+         order, inverse, offsets) = ctx.saved_tensors
+        needs_x, needs_router_input, needs_router_weight, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        grad_x = grad_weight = grad_bias = None
+        grad_sorted = grad_out.index_select(0, order)
+        if ctx.scale_input:  # sorted_input = p x, sorted; the input is the narrow side
+            input_side = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, inverse)  # W_e^T g
+            grad_scale = torch.linalg.vecdot(input_side, x)
+            if needs_weight:
+                grad_weight = F.grouped_mm(grad_sorted.t(), sorted_input, offs=offsets)
+            if needs_x:
+                grad_x = input_side.mul_(scale_sorted.index_select(0, inverse))
+        else:  # sorted_input = x, sorted; product = W_e x + b_e before scaling
+            grad_scale = torch.linalg.vecdot(grad_sorted, product).index_select(0, inverse)
+            grad_sorted = grad_sorted * scale_sorted
+            if needs_x:
+                grad_x = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, inverse)
+            if needs_weight:
+                grad_weight = F.grouped_mm(grad_sorted.t(), sorted_input, offs=offsets)
+            if needs_bias:
+                grad_bias = torch.zeros_like(bias).index_add_(0, expert.index_select(0, order), grad_sorted)
+
+        # Softmax backward, for p = probs[e] of the kept tokens and for what the losses read.
+        grad_top = torch.where(keep, grad_scale.float(), 0).unsqueeze(0)
+        grad_probs = torch.zeros_like(probs) if grad_probs is None else grad_probs.float()
+        grad_probs = grad_probs.scatter_add(0, expert.unsqueeze(0), grad_top)
+        grad_router_logits = probs * (grad_probs - (grad_probs * probs).sum(0, keepdim=True))
+        if grad_logits is not None:
+            grad_router_logits += grad_logits
+        grad_router_weight = grad_router_input = None
+        if needs_router_weight:
+            grad_router_weight = (grad_router_logits @ router_input.float()).to(router_weight.dtype)
+        through_router = ctx.router_input_is_x and needs_x
+        if through_router and x.dtype == router_weight.dtype == torch.float32:
+            grad_x.addmm_(grad_router_logits.t(), router_weight)
+        elif needs_router_input or through_router:
+            grad_router_input = (grad_router_logits.t() @ router_weight.float()).to(router_input.dtype)
+            if through_router:
+                grad_x, grad_router_input = grad_x + grad_router_input, None
+        return grad_x, grad_router_input, grad_router_weight, grad_weight, grad_bias, None, None, None
 
 
-def grouped_mm_experts(x, weight, bias, expert, scale):
-    """Sorted dispatch through one `grouped_mm`, without host synchronisation.
+def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = None):
+    """Few tokens (decoding): each token through its expert's matrix alone, as dense reads one matrix.
 
-    Every token goes through its top-1 expert, so the groups cover all rows (grouped_mm leaves rows
-    past the last offset uninitialised); dropped tokens and padding have scale 0, which zeroes their
-    output and their gradients. Without a bias, p * (W x) = W (p x): the scale is applied on the
-    narrower of input and output, the cheaper pass over activations.
+    By default on a CPU, where reading the expert ids costs nothing, each token's product runs on a
+    view of its matrix (`on_views`); elsewhere the chosen matrices are gathered for one batched
+    matrix-vector product, without a host sync.
     """
-    num_experts = weight.shape[0]
-    scale_input = bias is None and weight.shape[2] < weight.shape[1]
-    if scale_input:
-        x = x * scale.unsqueeze(1)
-    order = torch.argsort(expert, stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
-        0, expert, torch.ones_like(expert)
-    )
-    offsets = counts.cumsum(0).to(torch.int32)
-    out_sorted = F.grouped_mm(PermuteRows.apply(x, order, inverse), weight.transpose(1, 2), offs=offsets)
-    if bias is not None:
-        out_sorted = out_sorted + bias[expert[order]]
-    out = PermuteRows.apply(out_sorted, inverse, order)
-    return out if scale_input else out * scale.unsqueeze(1)
-
-
-def gathered_experts(x, weight, bias, expert, scale):
-    """Few tokens (decoding): every token's expert matrix, gathered, in one batched matrix-vector product.
-
-    A handful of kernels per routed linear, and a token reads only its expert's weights, as dense does.
-    """
-    out = torch.bmm(weight.index_select(0, expert), x.unsqueeze(-1)).squeeze(-1)
-    if bias is not None:
-        out = out + bias.index_select(0, expert)
+    if x.device.type == "cpu" if on_views is None else on_views:
+        out = torch.stack([
+            F.linear(row, weight[e], None if bias is None else bias[e]) for row, e in zip(x, expert.tolist())
+        ])
+    else:
+        out = torch.bmm(weight.index_select(0, expert), x.unsqueeze(-1)).squeeze(-1)
+        if bias is not None:
+            out = out + bias.index_select(0, expert)
     return out * scale.unsqueeze(1)
 
 
-EXPERT_BACKENDS = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "gathered": gathered_experts}
+# Dispatches given the routing: the per-expert loop (reference) and the few-token gather + bmm. The
+# default for gradients and larger batches, "grouped_mm", routes inside `RoutedExperts`.
+EXPERT_BACKENDS = {"loop": loop_experts, "gathered": gathered_experts}
+BACKENDS = ("loop", "grouped_mm", "gathered")
 # Without gradients, up to this many tokens (batch-1 or small-batch decoding) take `gathered_experts`.
 FEW_TOKENS = 4
 
@@ -215,8 +306,8 @@ class RoutedLinear(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if backend != "auto" and backend not in EXPERT_BACKENDS:
-            raise ValueError(f"Unknown expert backend {backend!r}: expected 'auto' or one of {list(EXPERT_BACKENDS)}.")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"Unknown expert backend {backend!r}: expected 'auto' or one of {list(BACKENDS)}.")
         self.in_features = in_features
         self.out_features = out_features
         self.num_experts = num_experts
@@ -238,12 +329,12 @@ class RoutedLinear(nn.Module):
             f"bias={self.bias is not None}, backend={self.backend}"
         )
 
-    def expert_backend(self, x: torch.Tensor):
+    def expert_backend(self, x: torch.Tensor) -> str:
         if self.backend != "auto":
-            return EXPERT_BACKENDS[self.backend]
+            return self.backend
         if x.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled():
-            return gathered_experts
-        return grouped_mm_experts if grouped_mm_supported(x, self.weight) else loop_experts
+            return "gathered"
+        return "grouped_mm" if grouped_mm_supported(x, self.weight) else "loop"
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`x` [..., in]; `attention_mask` [...] with 1 for real tokens and 0 for padding (None = all real)."""
@@ -258,14 +349,18 @@ class RoutedLinear(nn.Module):
         if self.training and self.router_jitter_noise > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter_noise, 1.0 + self.router_jitter_noise)
             router_input = x * noise
-        logits = F.linear(router_input.float(), self.router.weight.float())
-        probs = logits.softmax(dim=-1)
-        top_prob, expert = probs.max(dim=-1)
-
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        keep = capacity_keep(expert, valid, self.num_experts, factor, self.min_capacity)
-        scale = torch.where(keep, top_prob, 0).to(x.dtype)
-        out = self.expert_backend(x)(x, self.weight, self.bias, expert, scale)
+        backend = self.expert_backend(x)
+        if backend == "grouped_mm":
+            out, logits, probs, expert, keep = RoutedExperts.apply(
+                x, router_input, self.router.weight, self.weight, self.bias, valid, factor, self.min_capacity
+            )
+        else:
+            logits, probs, top_prob, expert, keep, _ = route(
+                self.router.weight, router_input, valid, factor, self.min_capacity, sort=False
+            )
+            scale = torch.where(keep, top_prob, 0).to(x.dtype)
+            out = EXPERT_BACKENDS[backend](x, self.weight, self.bias, expert, scale)
         self.routing = Routing(logits, probs, expert, valid, keep)
         return out.reshape(*leading_shape, self.out_features)
 

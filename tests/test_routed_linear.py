@@ -11,6 +11,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from parameternet_llm import RoutedLinear
+from parameternet_llm.modeling_parameternet_llama import gathered_experts, loop_experts
 
 
 def reference_forward(layer: RoutedLinear, x: torch.Tensor, mask: torch.Tensor, capacity_factor):
@@ -76,16 +77,21 @@ def assert_fp32_close(got, want, msg=None):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_grouped_mm_agrees_with_loop_outputs_and_gradients(bias, capacity_factor):
-    loop = make_layer("loop", num_experts=8, bias=bias, capacity_factor=capacity_factor, in_features=32, out_features=48)
-    grouped = make_layer("grouped_mm", num_experts=8, bias=bias, capacity_factor=capacity_factor, in_features=32, out_features=48)
+@pytest.mark.parametrize("in_features,out_features", [(32, 48), (48, 32)])  # probability on input / output side
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+def test_grouped_mm_agrees_with_loop_outputs_and_gradients(bias, capacity_factor, in_features, out_features, jitter):
+    shape = dict(num_experts=8, bias=bias, capacity_factor=capacity_factor, in_features=in_features,
+                 out_features=out_features, router_jitter_noise=jitter)
+    loop = make_layer("loop", **shape)
+    grouped = make_layer("grouped_mm", **shape)
     grouped.load_state_dict(loop.state_dict())
-    x = torch.randn(3, 50, 32)
+    x = torch.randn(3, 50, in_features)
     mask = torch.rand(3, 50) > 0.1
-    upstream = torch.randn(3, 50, 48)
+    upstream = torch.randn(3, 50, out_features)
     results = []
     for layer in (loop, grouped):
         x_leaf = x.clone().requires_grad_()
+        torch.manual_seed(1)  # the same jitter for both
         out = layer(x_leaf, mask)
         loss = (out * upstream).sum() + layer.routing.aux_loss + layer.routing.z_loss
         loss.backward()
@@ -223,15 +229,31 @@ def test_bf16_output_dtype_and_float32_router():
     assert layer.routing.router_logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("in_features,out_features", [(16, 24), (24, 16)])
+def test_bf16_grouped_mm_gradients_track_the_loop(in_features, out_features):
+    loop = make_layer("loop", capacity_factor=None, in_features=in_features, out_features=out_features)
+    grouped = make_layer("grouped_mm", capacity_factor=None, in_features=in_features, out_features=out_features)
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(64, in_features, dtype=torch.bfloat16)
+    grads = []
+    for layer in (loop.to(torch.bfloat16), grouped.to(torch.bfloat16)):
+        x_leaf = x.clone().requires_grad_()
+        (layer(x_leaf).float().square().sum() + layer.routing.aux_loss).backward()
+        assert x_leaf.grad.dtype == torch.bfloat16 and layer.router.weight.grad.dtype == torch.bfloat16
+        grads.append([x_leaf.grad.float(), layer.weight.grad.float(), layer.router.weight.grad.float()])
+    for got, want in zip(*reversed(grads)):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 def test_auto_backend_choice():
     aligned = make_layer("auto", in_features=16, out_features=24)
     unaligned = make_layer("auto", in_features=6, out_features=10)
-    assert aligned.expert_backend(torch.randn(9, 16)).__name__ == "grouped_mm_experts"
-    assert unaligned.expert_backend(torch.randn(9, 6)).__name__ == "loop_experts"
-    assert aligned.expert_backend(torch.randn(4, 16)).__name__ == "grouped_mm_experts"  # gradients on
+    assert aligned.expert_backend(torch.randn(9, 16)) == "grouped_mm"
+    assert unaligned.expert_backend(torch.randn(9, 6)) == "loop"
+    assert aligned.expert_backend(torch.randn(4, 16)) == "grouped_mm"  # gradients on
     with torch.no_grad():
-        assert aligned.expert_backend(torch.randn(4, 16)).__name__ == "gathered_experts"  # decoding
-        assert aligned.expert_backend(torch.randn(5, 16)).__name__ == "grouped_mm_experts"
+        assert aligned.expert_backend(torch.randn(4, 16)) == "gathered"  # decoding
+        assert aligned.expert_backend(torch.randn(5, 16)) == "grouped_mm"
     assert unaligned(torch.randn(9, 6)).shape == (9, 10)
 
 
@@ -241,6 +263,17 @@ def test_decoding_path_matches_the_reference(tokens):
     x = torch.randn(tokens, 16)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference_forward(layer, x, torch.ones(tokens, dtype=torch.bool), None))
+
+
+@pytest.mark.parametrize("on_views", [True, False])  # the CPU default, and the batched gather used elsewhere
+def test_both_gathered_variants_match_the_loop(on_views):
+    layer = make_layer("loop", bias=True)
+    x = torch.randn(3, 16)
+    expert = torch.tensor([2, 0, 2])
+    scale = torch.tensor([0.5, 1.0, 0.0])
+    want = loop_experts(x, layer.weight, layer.bias, expert, scale)
+    got = gathered_experts(x, layer.weight, layer.bias, expert, scale, on_views=on_views)
+    torch.testing.assert_close(got, want)
 
 
 def test_unknown_backend_is_rejected():
