@@ -150,10 +150,20 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
-def route(router_weight, router_input, valid, capacity_factor, min_capacity, sort: bool):
+class RowOrder(NamedTuple):
+    """A row order of a [T, ...] tensor: the token in each row and the row of each token."""
+
+    row_token: torch.Tensor  # [T]
+    token_row: torch.Tensor  # [T]
+
+
+def route(router_weight, router_input, valid, capacity_factor, min_capacity, sort: bool, rows: RowOrder | None = None):
     """The router's decisions for every token: logits and probabilities [E, T] (float32), the top-1
-    probability and expert [T], the tokens kept within capacity [T], and, if sorted, the `ExpertOrder`."""
+    probability and expert [T], the tokens kept within capacity [T], and, if sorted, the `ExpertOrder`.
+    Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
     logits = router_weight.float() @ router_input.float().t()
+    if rows is not None:
+        logits = logits.index_select(1, rows.token_row)
     probs = logits.softmax(dim=0)
     top_prob, expert = probs.max(dim=0)
     expert_order = None
@@ -161,6 +171,9 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, sor
         expert_order = sort_by_expert(expert, valid, router_weight.shape[0])
     keep = valid if capacity_factor is None else capacity_keep(expert, valid, expert_order, capacity_factor, min_capacity)
     return logits, probs, top_prob, expert, keep, expert_order
+
+
+SORTED = "sorted"  # output rows of `RoutedExperts` left in the expert-sorted order
 
 
 class RoutedExperts(torch.autograd.Function):
@@ -174,51 +187,71 @@ class RoutedExperts(torch.autograd.Function):
     output side) are taken on the narrower of input and output. The router's gradient (through p, and
     through the logits and probabilities that the losses read) joins the input's gradient in the
     matrix product that computes it.
+
+    Rows need not be in token order: `rows` gives the order of x's rows, and `output` the order of the
+    result's rows (None: token order; `SORTED`: this linear's own sorted order, with no gather at all;
+    or a `RowOrder`). Chained routed linears so pass activations along in whatever order saves a
+    gather. Routing results (logits, probabilities, expert, kept) are always in token order.
     """
 
     @staticmethod
-    def forward(ctx, x, router_input, router_weight, weight, bias, valid, capacity_factor, min_capacity):
+    def forward(ctx, x, router_input, router_weight, weight, bias, valid, capacity_factor, min_capacity, rows, output):
         logits, probs, top_prob, expert, keep, (order, inverse, counts) = route(
-            router_weight, router_input, valid, capacity_factor, min_capacity, sort=True
+            router_weight, router_input, valid, capacity_factor, min_capacity, sort=True, rows=rows
         )
         offsets = counts.cumsum(0).to(torch.int32)
-        scale_sorted = torch.where(keep, top_prob, 0).to(x.dtype).index_select(0, order).unsqueeze(1)
+        # input row of each sorted row, and the reverse; likewise between sorted rows and output rows
+        gather_in, scatter_in = (order, inverse) if rows is None else (
+            rows.token_row.index_select(0, order), inverse.index_select(0, rows.row_token))
+        if output is None:
+            gather_out, scatter_out = inverse, order
+        elif output is SORTED:
+            gather_out = scatter_out = None
+        else:
+            gather_out, scatter_out = inverse.index_select(0, output.row_token), output.token_row.index_select(0, order)
+        scale = torch.where(keep, top_prob, 0).to(x.dtype)
+        scale_sorted = scale.index_select(0, order).unsqueeze(1)
         ctx.scale_input = bias is None and weight.shape[2] <= weight.shape[1]
         ctx.router_input_is_x = router_input is x
         if ctx.scale_input:
-            sorted_input = x.index_select(0, order).mul_(scale_sorted)
+            sorted_input = x.index_select(0, gather_in).mul_(scale_sorted)
             out_sorted = F.grouped_mm(sorted_input, weight.transpose(1, 2), offs=offsets)
             product = None
         else:
-            sorted_input = x.index_select(0, order)
+            sorted_input = x.index_select(0, gather_in)
             product = F.grouped_mm(sorted_input, weight.transpose(1, 2), offs=offsets)
             if bias is not None:
                 product += bias.index_select(0, expert.index_select(0, order))
             out_sorted = product * scale_sorted
-        ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale_sorted,
-                              probs, expert, keep, order, inverse, offsets)
-        ctx.mark_non_differentiable(expert, keep)
-        return out_sorted.index_select(0, inverse), logits, probs, expert, keep
+        ctx.rows = rows
+        ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, probs, expert,
+                              keep, order, offsets, scatter_in, scatter_out)
+        ctx.mark_non_differentiable(expert, keep, order, inverse)
+        out = out_sorted if gather_out is None else out_sorted.index_select(0, gather_out)
+        return out, logits, probs, expert, keep, order, inverse
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logits, grad_probs, _grad_expert, _grad_keep):
-        (x, router_input, router_weight, weight, bias, sorted_input, product, scale_sorted, probs, expert, keep,
-         order, inverse, offsets) = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_logits, grad_probs, *_not_differentiable):
+        (x, router_input, router_weight, weight, bias, sorted_input, product, scale, probs, expert, keep, order,
+         offsets, scatter_in, scatter_out) = ctx.saved_tensors
+        rows = ctx.rows
         needs_x, needs_router_input, needs_router_weight, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = None
-        grad_sorted = grad_out.index_select(0, order)
+        grad_sorted = grad_out if scatter_out is None else grad_out.index_select(0, scatter_out)
         if ctx.scale_input:  # sorted_input = p x, sorted; the input is the narrow side
-            input_side = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, inverse)  # W_e^T g
-            grad_scale = torch.linalg.vecdot(input_side, x)
+            input_side = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, scatter_in)  # W_e^T g
+            grad_scale = torch.linalg.vecdot(input_side, x)  # in x's row order
+            if rows is not None:
+                grad_scale = grad_scale.index_select(0, rows.token_row)
             if needs_weight:
                 grad_weight = F.grouped_mm(grad_sorted.t(), sorted_input, offs=offsets)
             if needs_x:
-                grad_x = input_side.mul_(scale_sorted.index_select(0, inverse))
+                grad_x = input_side.mul_((scale if rows is None else scale.index_select(0, rows.row_token)).unsqueeze(1))
         else:  # sorted_input = x, sorted; product = W_e x + b_e before scaling
-            grad_scale = torch.linalg.vecdot(grad_sorted, product).index_select(0, inverse)
-            grad_sorted = grad_sorted * scale_sorted
+            grad_scale = torch.empty_like(scale).index_copy_(0, order, torch.linalg.vecdot(grad_sorted, product))
+            grad_sorted = grad_sorted * scale.index_select(0, order).unsqueeze(1)
             if needs_x:
-                grad_x = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, inverse)
+                grad_x = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, scatter_in)
             if needs_weight:
                 grad_weight = F.grouped_mm(grad_sorted.t(), sorted_input, offs=offsets)
             if needs_bias:
@@ -231,6 +264,8 @@ class RoutedExperts(torch.autograd.Function):
         grad_router_logits = probs * (grad_probs - (grad_probs * probs).sum(0, keepdim=True))
         if grad_logits is not None:
             grad_router_logits += grad_logits
+        if rows is not None:
+            grad_router_logits = grad_router_logits.index_select(1, rows.row_token)
         grad_router_weight = grad_router_input = None
         if needs_router_weight:
             grad_router_weight = (grad_router_logits @ router_input.float()).to(router_weight.dtype)
@@ -241,7 +276,7 @@ class RoutedExperts(torch.autograd.Function):
             grad_router_input = (grad_router_logits.t() @ router_weight.float()).to(router_input.dtype)
             if through_router:
                 grad_x, grad_router_input = grad_x + grad_router_input, None
-        return grad_x, grad_router_input, grad_router_weight, grad_weight, grad_bias, None, None, None
+        return grad_x, grad_router_input, grad_router_weight, grad_weight, grad_bias, None, None, None, None, None
 
 
 def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = None):
@@ -340,29 +375,46 @@ class RoutedLinear(nn.Module):
         """`x` [..., in]; `attention_mask` [...] with 1 for real tokens and 0 for padding (None = all real)."""
         leading_shape = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        if attention_mask is None:
-            valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        else:
-            valid = attention_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
-
-        router_input = x
-        if self.training and self.router_jitter_noise > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.router_jitter_noise, 1.0 + self.router_jitter_noise)
-            router_input = x * noise
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        valid = token_mask(attention_mask, x)
         backend = self.expert_backend(x)
         if backend == "grouped_mm":
-            out, logits, probs, expert, keep = RoutedExperts.apply(
-                x, router_input, self.router.weight, self.weight, self.bias, valid, factor, self.min_capacity
-            )
+            out, _ = self.sorted_forward(x, valid)
         else:
             logits, probs, top_prob, expert, keep, _ = route(
-                self.router.weight, router_input, valid, factor, self.min_capacity, sort=False
+                self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
+                sort=False,
             )
             scale = torch.where(keep, top_prob, 0).to(x.dtype)
             out = EXPERT_BACKENDS[backend](x, self.weight, self.bias, expert, scale)
-        self.routing = Routing(logits, probs, expert, valid, keep)
+            self.routing = Routing(logits, probs, expert, valid, keep)
         return out.reshape(*leading_shape, self.out_features)
+
+    def sorted_forward(self, x: torch.Tensor, valid: torch.Tensor, rows: RowOrder | None = None, output=None):
+        """The grouped_mm path on [T, in] rows in order `rows` (None: token order), returning [T, out] rows
+        in order `output` (None: token order, `SORTED`: this linear's sorted order, or a `RowOrder`) and
+        the sorted order as a `RowOrder`."""
+        out, logits, probs, expert, keep, order, inverse = RoutedExperts.apply(
+            x, self.router_input(x), self.router.weight, self.weight, self.bias, valid, self.active_capacity_factor(),
+            self.min_capacity, rows, output,
+        )
+        self.routing = Routing(logits, probs, expert, valid, keep)
+        return out, RowOrder(order, inverse)
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x, jittered in training when `router_jitter_noise` > 0 (the experts see x unchanged)."""
+        if self.training and self.router_jitter_noise > 0:
+            return x * torch.empty_like(x).uniform_(1.0 - self.router_jitter_noise, 1.0 + self.router_jitter_noise)
+        return x
+
+    def active_capacity_factor(self) -> float | None:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+
+def token_mask(attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """[T] bool: the real tokens of x's T rows (all of them without a mask)."""
+    if attention_mask is None:
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return attention_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
 
 
 class ParameterNetLlamaMLP(nn.Module):
@@ -403,8 +455,38 @@ class ParameterNetLlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` [batch, seq]: 1 for tokens to route, 0 for padding."""
-        gate = self.act_fn(self.project("gate_proj", x, attention_mask))
-        return self.project("down_proj", gate * self.project("up_proj", x, attention_mask), attention_mask)
+        rows = x.reshape(-1, self.hidden_size)
+        lead = self.sorted_lead(rows)
+        if lead is None:
+            gate = self.act_fn(self.project("gate_proj", x, attention_mask))
+            return self.project("down_proj", gate * self.project("up_proj", x, attention_mask), attention_mask)
+        return self.sorted_forward(rows, token_mask(attention_mask, rows), lead).reshape(x.shape)
+
+    def sorted_lead(self, rows: torch.Tensor) -> str | None:
+        """The routed gate or up projection whose expert-sorted row order the MLP can run in: every
+        routed projection takes the grouped_mm path. None when the MLP runs in token order."""
+        routed = {name: getattr(self, name) for name in self.routed_projections}
+        if any(linear.expert_backend(rows) != "grouped_mm" for linear in routed.values()):
+            return None
+        return next((name for name in ("up_proj", "gate_proj") if name in routed), None)
+
+    def sorted_forward(self, rows: torch.Tensor, valid: torch.Tensor, lead: str) -> torch.Tensor:
+        """The MLP with its intermediate activations in `lead`'s sorted row order: the lead's wide output
+        is never permuted, the other of gate/up delivers in that order, and the down projection takes
+        it so (routed) or its narrow output is put back in token order (dense). This saves one wide
+        gather in the forward and one in the backward over projecting in token order."""
+        lead_out, order = getattr(self, lead).sorted_forward(rows, valid, output=SORTED)
+        other = "gate_proj" if lead == "up_proj" else "up_proj"
+        if other in self.routed_projections:
+            other_out, _ = getattr(self, other).sorted_forward(rows, valid, output=order)
+        else:
+            other_out = getattr(self, other)(rows.index_select(0, order.row_token))
+        gate, up = (other_out, lead_out) if lead == "up_proj" else (lead_out, other_out)
+        hidden = self.act_fn(gate) * up
+        if "down_proj" in self.routed_projections:
+            out, _ = self.down_proj.sorted_forward(hidden, valid, rows=order)
+            return out
+        return self.down_proj(hidden).index_select(0, order.token_row)
 
 
 class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):

@@ -10,6 +10,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from parameternet_llm import ParameterNetLlamaForCausalLM, ParameterNetLlamaModel, RoutedLinear
+from parameternet_llm.modeling_parameternet_llama import ParameterNetLlamaMLP
 
 ALL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -213,3 +214,37 @@ def test_parameters_are_named_as_documented():
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (3, 32, 64)
     assert shapes["model.layers.0.mlp.down_proj.router.weight"] == (3, 64)
     assert shapes["model.layers.0.mlp.up_proj.weight"] == (64, 32)
+
+
+@pytest.mark.parametrize("projections", [ALL_PROJECTIONS, ["up_proj"], ["gate_proj"], ["down_proj"],
+                                         ["gate_proj", "down_proj"], ["up_proj", "down_proj"], ["gate_proj", "up_proj"]])
+def test_mlp_in_sorted_row_order_matches_token_order_reference(projections):
+    """The grouped MLP runs in its lead projection's sorted row order; the loop runs in token order."""
+    routing = dict(num_experts=4, moe_projections=projections, capacity_factor=1.0, min_capacity=1)
+    reference = ParameterNetLlamaMLP(tiny_config(**routing, moe_backend="loop"), layer_idx=0)
+    grouped = ParameterNetLlamaMLP(tiny_config(**routing, moe_backend="grouped_mm"), layer_idx=0)
+    for linear in reference.modules():
+        if isinstance(linear, RoutedLinear):
+            torch.nn.init.normal_(linear.router.weight, std=1.0)  # uneven groups, some tokens dropped
+    grouped.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 10, TINY_SHAPE["hidden_size"])
+    mask = torch.rand(3, 10) > 0.2
+    upstream = torch.randn_like(x)
+    results = []
+    for mlp in (reference, grouped):
+        x_leaf = x.clone().requires_grad_()
+        out = mlp(x_leaf, mask)
+        routings = [m.routing for m in mlp.modules() if isinstance(m, RoutedLinear)]
+        ((out * upstream).sum() + sum(r.aux_loss + r.z_loss for r in routings)).backward()
+        results.append((out, x_leaf.grad, {n: p.grad for n, p in mlp.named_parameters()}, routings))
+    (out_a, dx_a, grads_a, routings_a), (out_b, dx_b, grads_b, routings_b) = results
+    assert grouped.sorted_lead(x.reshape(-1, x.shape[-1])) == (None if projections == ["down_proj"] else
+                                                              "up_proj" if "up_proj" in projections else "gate_proj")
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_b, dx_a, rtol=1e-5, atol=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-5, msg=name)
+    for a, b in zip(routings_a, routings_b):  # routing results come back in token order
+        torch.testing.assert_close(b.logits, a.logits)
+        assert torch.equal(b.expert, a.expert) and torch.equal(b.keep, a.keep)
+    assert any(not r.keep[r.valid].all() for r in routings_b)  # capacity dropped some tokens
