@@ -227,6 +227,7 @@ class RoutedExperts(torch.autograd.Function):
         ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, probs, expert,
                               keep, order, offsets, scatter_in, scatter_out)
         ctx.mark_non_differentiable(expert, keep, order, inverse)
+        ctx.set_materialize_grads(False)  # unused outputs bring None, not zeros
         out = out_sorted if gather_out is None else out_sorted.index_select(0, gather_out)
         return out, logits, probs, expert, keep, order, inverse
 
@@ -237,6 +238,8 @@ class RoutedExperts(torch.autograd.Function):
         rows = ctx.rows
         needs_x, needs_router_input, needs_router_weight, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = None
+        if grad_out is None:
+            grad_out = torch.zeros_like(x[:, :1]).expand(-1, weight.shape[1])
         grad_sorted = grad_out if scatter_out is None else grad_out.index_select(0, scatter_out)
         if ctx.scale_input:  # sorted_input = p x, sorted; the input is the narrow side
             input_side = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, scatter_in)  # W_e^T g
