@@ -26,6 +26,7 @@ def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
                                                          num_hidden_layers=1, vocab_size=64))
     train = bench.bench_train("test", batch_size=2, seq_len=16, num_experts=4, warmup=1, repeats=2)
     assert train["ratio"] == pytest.approx(train["tokens_per_s"]["parameternet"] / train["tokens_per_s"]["dense"])
+    assert train["paired_ratio"] > 0
     decode = bench.bench_decode("test", prompt_len=4, new_tokens=4, num_experts=4, warmup=0, repeats=1)
     assert decode["ratio"] == pytest.approx(decode["ms_per_token"]["parameternet"] / decode["ms_per_token"]["dense"])
     assert "| dense |" in capsys.readouterr().out
@@ -37,3 +38,10 @@ def test_bench_command_saves_the_record(tmp_path, capsys):
     record = json.loads((tmp_path / "results.jsonl").read_text())
     assert record["bench"] == "layer" and record["command"].startswith("parameternet-llm bench layer")
     assert record == {**last_json_line(capsys.readouterr().out), "date": record["date"], "command": record["command"]}
+
+
+def test_paired_ratio_holds_when_the_machine_speed_drifts():
+    times = {"routed": [1.0, 10.0, 3.0], "dense": [2.0, 20.0, 30.0]}  # the third round ran 10x slower for dense
+    assert bench.paired_ratio(times, "routed", "dense") == pytest.approx(0.5)
+    medians = bench.medians(times)
+    assert medians["routed"] / medians["dense"] == pytest.approx(0.15)
