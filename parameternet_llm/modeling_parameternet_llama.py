@@ -173,6 +173,21 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, sor
     return logits, probs, top_prob, expert, keep, expert_order
 
 
+class PermuteRows(torch.autograd.Function):
+    """`x[index]` for a permutation `index` whose inverse is known: the gradient is then a gather by the
+    inverse, one pass, where autograd's general index backward zero-fills and scatter-adds."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 SORTED = "sorted"  # output rows of `RoutedExperts` left in the expert-sorted order
 
 
@@ -483,13 +498,13 @@ class ParameterNetLlamaMLP(nn.Module):
         if other in self.routed_projections:
             other_out, _ = getattr(self, other).sorted_forward(rows, valid, output=order)
         else:
-            other_out = getattr(self, other)(rows.index_select(0, order.row_token))
+            other_out = getattr(self, other)(PermuteRows.apply(rows, order.row_token, order.token_row))
         gate, up = (other_out, lead_out) if lead == "up_proj" else (lead_out, other_out)
         hidden = self.act_fn(gate) * up
         if "down_proj" in self.routed_projections:
             out, _ = self.down_proj.sorted_forward(hidden, valid, rows=order)
             return out
-        return self.down_proj(hidden).index_select(0, order.token_row)
+        return PermuteRows.apply(self.down_proj(hidden), order.token_row, order.row_token)
 
 
 class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
