@@ -107,35 +107,35 @@ def stacked_summary(routings: list[Routing]):
     )
 
 
-class ExpertOrder(NamedTuple):
-    """Tokens grouped by expert: within an expert, valid tokens first, each part in token order."""
+class RowOrder(NamedTuple):
+    """An order of the T token rows of a tensor: the token in each row and the row of each token."""
 
-    order: torch.Tensor  # [T] token of each sorted row
-    inverse: torch.Tensor  # [T] sorted row of each token
-    counts: torch.Tensor  # [E] rows per expert (padding included)
+    row_token: torch.Tensor  # [T]
+    token_row: torch.Tensor  # [T]
 
 
-def sort_by_expert(expert: torch.Tensor, valid: torch.Tensor, num_experts: int) -> ExpertOrder:
-    """One stable sort serves both the grouped dispatch and the capacity (a token's rank in its group)."""
-    order = torch.argsort(2 * expert + (~valid).long(), stable=True)
-    rows = torch.arange(order.numel(), device=order.device)
-    inverse = torch.empty_like(order).scatter_(0, order, rows)
+def sort_by_expert(expert: torch.Tensor, valid: torch.Tensor, num_experts: int) -> tuple[RowOrder, torch.Tensor]:
+    """Rows grouped by expert, within an expert valid tokens first, each part in token order; and the
+    rows per expert [E] (padding included). One stable sort serves the grouped dispatch and capacity."""
+    row_token = torch.argsort(2 * expert + (~valid).long(), stable=True)
+    rows = torch.arange(row_token.numel(), device=row_token.device)
+    token_row = torch.empty_like(row_token).scatter_(0, row_token, rows)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=expert.device).scatter_add_(
         0, expert, torch.ones_like(expert)
     )
-    return ExpertOrder(order, inverse, counts)
+    return RowOrder(row_token, token_row), counts
 
 
-def capacity_keep(expert, valid, expert_order: ExpertOrder, capacity_factor, min_capacity):
+def capacity_keep(expert, valid, sorted_rows: RowOrder, counts, capacity_factor, min_capacity):
     """Valid tokens within their expert's capacity C = max(min_capacity, ceil(factor * T_valid / E)).
 
-    Valid tokens claim slots in token order and padding claims none, so a valid token's slot is its
-    row in the sorted order minus its group's first row. Sync-free: C stays a tensor.
+    Valid tokens claim slots in token order and padding claims none, so with `sort_by_expert`'s rows a
+    valid token's slot is its row minus its group's first row. Sync-free: C stays a tensor.
     """
-    group_start = expert_order.counts.cumsum(0) - expert_order.counts
-    slot = expert_order.inverse - group_start[expert]
+    group_start = counts.cumsum(0) - counts
+    slot = sorted_rows.token_row - group_start[expert]
     num_valid = valid.sum(dtype=torch.float64)
-    capacity = torch.clamp((capacity_factor * num_valid / expert_order.counts.numel()).ceil(), min=min_capacity)
+    capacity = torch.clamp((capacity_factor * num_valid / counts.numel()).ceil(), min=min_capacity)
     return valid & (slot < capacity)
 
 
@@ -150,27 +150,23 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
-class RowOrder(NamedTuple):
-    """A row order of a [T, ...] tensor: the token in each row and the row of each token."""
-
-    row_token: torch.Tensor  # [T]
-    token_row: torch.Tensor  # [T]
-
-
 def route(router_weight, router_input, valid, capacity_factor, min_capacity, sort: bool, rows: RowOrder | None = None):
     """The router's decisions for every token: logits and probabilities [E, T] (float32), the top-1
-    probability and expert [T], the tokens kept within capacity [T], and, if sorted, the `ExpertOrder`.
-    Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
+    probability and expert [T], the tokens kept within capacity [T], and, if sorted, `sort_by_expert`'s
+    rows and counts (else None). Results are in token order; `rows` gives the order of `router_input`'s
+    rows when it is not."""
     logits = router_weight.float() @ router_input.float().t()
     if rows is not None:
         logits = logits.index_select(1, rows.token_row)
     probs = logits.softmax(dim=0)
     top_prob, expert = probs.max(dim=0)
-    expert_order = None
+    sorted_rows = counts = None
     if sort or capacity_factor is not None:
-        expert_order = sort_by_expert(expert, valid, router_weight.shape[0])
-    keep = valid if capacity_factor is None else capacity_keep(expert, valid, expert_order, capacity_factor, min_capacity)
-    return logits, probs, top_prob, expert, keep, expert_order
+        sorted_rows, counts = sort_by_expert(expert, valid, router_weight.shape[0])
+    keep = valid
+    if capacity_factor is not None:
+        keep = capacity_keep(expert, valid, sorted_rows, counts, capacity_factor, min_capacity)
+    return logits, probs, top_prob, expert, keep, sorted_rows, counts
 
 
 class PermuteRows(torch.autograd.Function):
@@ -205,17 +201,18 @@ class RoutedExperts(torch.autograd.Function):
 
     Rows need not be in token order: `rows` gives the order of x's rows, and `output` the order of the
     result's rows (None: token order; `SORTED`: this linear's own sorted order, with no gather at all;
-    or a `RowOrder`). Chained routed linears so pass activations along in whatever order saves a
+    or a `RowOrder`), so chained routed linears pass activations along in whichever order saves a
     gather. Routing results (logits, probabilities, expert, kept) are always in token order.
     """
 
     @staticmethod
     def forward(ctx, x, router_input, router_weight, weight, bias, valid, capacity_factor, min_capacity, rows, output):
-        logits, probs, top_prob, expert, keep, (order, inverse, counts) = route(
+        logits, probs, top_prob, expert, keep, (order, inverse), counts = route(
             router_weight, router_input, valid, capacity_factor, min_capacity, sort=True, rows=rows
         )
         offsets = counts.cumsum(0).to(torch.int32)
-        # input row of each sorted row, and the reverse; likewise between sorted rows and output rows
+        # order / inverse: token of each sorted row / sorted row of each token. gather_in: input row of
+        # each sorted row, scatter_in the reverse; likewise gather_out / scatter_out for the output rows.
         gather_in, scatter_in = (order, inverse) if rows is None else (
             rows.token_row.index_select(0, order), inverse.index_select(0, rows.row_token))
         if output is None:
@@ -398,7 +395,7 @@ class RoutedLinear(nn.Module):
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
         else:
-            logits, probs, top_prob, expert, keep, _ = route(
+            logits, probs, top_prob, expert, keep, _, _ = route(
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
                 sort=False,
             )
