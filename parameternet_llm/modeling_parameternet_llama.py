@@ -221,7 +221,7 @@ class RoutedExperts(torch.autograd.Function):
             gather_out = scatter_out = None
         else:
             gather_out, scatter_out = inverse.index_select(0, output.row_token), output.token_row.index_select(0, order)
-        scale = torch.where(keep, top_prob, 0).to(x.dtype)
+        scale = (top_prob * keep).to(x.dtype)
         scale_sorted = scale.index_select(0, order).unsqueeze(1)
         ctx.scale_input = bias is None and weight.shape[2] <= weight.shape[1]
         ctx.router_input_is_x = router_input is x
@@ -399,7 +399,7 @@ class RoutedLinear(nn.Module):
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
                 sort=False,
             )
-            scale = torch.where(keep, top_prob, 0).to(x.dtype)
+            scale = (top_prob * keep).to(x.dtype)
             out = EXPERT_BACKENDS[backend](x, self.weight, self.bias, expert, scale)
             self.routing = Routing(logits, probs, expert, valid, keep)
         return out.reshape(*leading_shape, self.out_features)
@@ -464,18 +464,19 @@ class ParameterNetLlamaMLP(nn.Module):
             setattr(self, name, projection)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def project(self, name: str, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def project(self, name: str, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         projection = getattr(self, name)
-        return projection(x, attention_mask) if name in self.routed_projections else projection(x)
+        return projection(rows, valid) if name in self.routed_projections else projection(rows)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` [batch, seq]: 1 for tokens to route, 0 for padding."""
         rows = x.reshape(-1, self.hidden_size)
+        valid = token_mask(attention_mask, rows)  # once for all routed projections
         lead = self.sorted_lead(rows)
         if lead is None:
-            gate = self.act_fn(self.project("gate_proj", x, attention_mask))
-            return self.project("down_proj", gate * self.project("up_proj", x, attention_mask), attention_mask)
-        return self.sorted_forward(rows, token_mask(attention_mask, rows), lead).reshape(x.shape)
+            rows = self.act_fn(self.project("gate_proj", rows, valid)) * self.project("up_proj", rows, valid)
+            return self.project("down_proj", rows, valid).reshape(x.shape)
+        return self.sorted_forward(rows, valid, lead).reshape(x.shape)
 
     def sorted_lead(self, rows: torch.Tensor) -> str | None:
         """The routed gate or up projection whose expert-sorted row order the MLP can run in: every
