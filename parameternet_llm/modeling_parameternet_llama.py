@@ -558,12 +558,12 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
                 init.zeros_(module.bias)
 
     def routed_linears(self) -> dict[str, RoutedLinear]:
-        """Every routed linear by its module name, in forward order."""
+        """Every routed linear by its module name, in module order."""
         return {name: module for name, module in self.named_modules() if isinstance(module, RoutedLinear)}
 
     def router_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux_loss, z_loss) of the last forward: means over all routed linears."""
-        aux_loss, z_loss, _, _ = stacked_summary([m.routing for m in self.routed_linears().values()])
+        aux_loss, z_loss, _, _ = stacked_summary(self.base_model.routings())
         return aux_loss.mean(), z_loss.mean()
 
     def routing_stats(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -624,6 +624,11 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def routings(self) -> list[Routing]:
+        """The last forward's `Routing` of every routed linear, layer by layer in gate, up, down order
+        (read every forward, so the layers are walked directly rather than through all submodules)."""
+        return [getattr(layer.mlp, name).routing for layer in self.layers for name in layer.mlp.routed_projections]
+
     @can_return_tuple
     def forward(
         self,
@@ -655,7 +660,7 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
         aux_loss, z_loss = self.router_losses()
         router_logits = None
         if output_router_logits:
-            router_logits = tuple(module.routing.router_logits for module in self.routed_linears().values())
+            router_logits = tuple(routing.router_logits for routing in self.routings())
         return ParameterNetModelOutputWithPast(**outputs, aux_loss=aux_loss, z_loss=z_loss, router_logits=router_logits)
 
 
