@@ -302,9 +302,11 @@ def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = Non
     matrix-vector product, without a host sync.
     """
     if x.device.type == "cpu" if on_views is None else on_views:
-        out = torch.stack([
-            F.linear(row, weight[e], None if bias is None else bias[e]) for row, e in zip(x, expert.tolist())
-        ])
+        ids = expert.tolist()
+        if len(set(ids)) == 1:  # one expert for all tokens, as always in batch-1 decoding
+            out = F.linear(x, weight[ids[0]], None if bias is None else bias[ids[0]])
+        else:
+            out = torch.stack([F.linear(row, weight[e], None if bias is None else bias[e]) for row, e in zip(x, ids)])
     else:
         out = torch.bmm(weight.index_select(0, expert), x.unsqueeze(-1)).squeeze(-1)
         if bias is not None:

@@ -266,10 +266,11 @@ def test_decoding_path_matches_the_reference(tokens):
 
 
 @pytest.mark.parametrize("on_views", [True, False])  # the CPU default, and the batched gather used elsewhere
-def test_both_gathered_variants_match_the_loop(on_views):
+@pytest.mark.parametrize("experts", [[2, 0, 2], [1, 1, 1]])
+def test_both_gathered_variants_match_the_loop(on_views, experts):
     layer = make_layer("loop", bias=True)
     x = torch.randn(3, 16)
-    expert = torch.tensor([2, 0, 2])
+    expert = torch.tensor(experts)
     scale = torch.tensor([0.5, 1.0, 0.0])
     want = loop_experts(x, layer.weight, layer.bias, expert, scale)
     got = gathered_experts(x, layer.weight, layer.bias, expert, scale, on_views=on_views)
