@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.switch_transformers.modeling_switch_transformers import (
     load_balancing_loss_func,
@@ -11,7 +12,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from parameternet_llm import RoutedLinear
-from parameternet_llm.modeling_parameternet_llama import gathered_experts, loop_experts
+from parameternet_llm.modeling_parameternet_llama import ParameterNetLlamaMLP, gathered_experts, loop_experts
 
 
 def reference_forward(layer: RoutedLinear, x: torch.Tensor, mask: torch.Tensor, capacity_factor):
@@ -308,3 +309,15 @@ def test_grouped_mm_training_step_has_no_host_synchronising_op():
     with RecordOps() as ops:
         make_layer("loop")(torch.randn(8, 16))
     assert "nonzero" in ops.names  # the recorder does see synchronising ops
+
+
+def test_mlp_in_sorted_row_order_has_no_host_synchronising_op():
+    config = tiny_config(num_experts=4, moe_projections=["gate_proj", "up_proj", "down_proj"], router_jitter_noise=0.1)
+    mlp = ParameterNetLlamaMLP(config, layer_idx=0).train()
+    x = torch.randn(2, 40, config.hidden_size, requires_grad=True)
+    mask = torch.rand(2, 40) > 0.2
+    assert mlp.sorted_lead(x.reshape(-1, config.hidden_size)) == "up_proj"
+    with RecordOps() as ops:
+        mlp(x, mask).square().sum().backward()
+    assert "_grouped_mm" in ops.names or "grouped_mm" in ops.names
+    assert not ops.names & SYNCHRONISING_OPS, ops.names & SYNCHRONISING_OPS
