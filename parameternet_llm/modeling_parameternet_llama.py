@@ -476,8 +476,8 @@ class ParameterNetLlamaMLP(nn.Module):
         valid = token_mask(attention_mask, rows)  # once for all routed projections
         lead = self.sorted_lead(rows)
         if lead is None:
-            rows = self.act_fn(self.project("gate_proj", rows, valid)) * self.project("up_proj", rows, valid)
-            return self.project("down_proj", rows, valid).reshape(x.shape)
+            hidden = self.act_fn(self.project("gate_proj", rows, valid)) * self.project("up_proj", rows, valid)
+            return self.project("down_proj", hidden, valid).reshape(x.shape)
         return self.sorted_forward(rows, valid, lead).reshape(x.shape)
 
     def sorted_lead(self, rows: torch.Tensor) -> str | None:
