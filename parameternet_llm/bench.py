@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .configuration_parameternet_llama import ParameterNetLlamaConfig
+from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
 from .presets import MODEL_SHAPES
 
@@ -116,7 +116,7 @@ def twin_configs(shape: str, num_experts: int, projections: list[str], backend: 
 
 
 def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 256, num_experts: int = 8,
-                projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"), backend: str = "auto",
+                projections: tuple[str, ...] = MOE_PROJECTIONS, backend: str = "auto",
                 warmup: int = 2, repeats: int = 6) -> dict:
     """Training-step throughput (forward, backward, AdamW) of ParameterNet against its dense twin."""
     device, dtype = device_and_dtype()
@@ -153,7 +153,7 @@ def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 25
 
 
 def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int = 128, num_experts: int = 8,
-                 projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"), backend: str = "auto",
+                 projections: tuple[str, ...] = MOE_PROJECTIONS, backend: str = "auto",
                  warmup: int = 1, repeats: int = 3) -> dict:
     """Batch-1 greedy `generate` latency per new token, ParameterNet against its dense twin."""
     device, dtype = device_and_dtype()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .configuration_parameternet_llama import MOE_PROJECTIONS
 from .data import build_pretraining_data, open_sources
 from .errors import InputError
 from .evaluation import OFFLINE_TASKS_DIR, evaluate, format_table
@@ -42,7 +43,7 @@ UP_PROJ_VARIANTS = {
 TABLE7_VARIANTS = {
     "dense": {"dense": True},
     **{f"{projection} x{experts}": {"num_experts": experts, "moe_projections": [projection]}
-       for projection in ("gate_proj", "up_proj", "down_proj") for experts in (4, 8)},
+       for projection in MOE_PROJECTIONS for experts in (4, 8)},
 }
 
 PRESETS = {

@@ -10,7 +10,7 @@ into every saved checkpoint and loaded with `trust_remote_code=True`.
 """
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import NamedTuple
 
 import torch
@@ -75,25 +75,27 @@ class Routing:
         """[T, E] router logits (a view)."""
         return self.logits.t()
 
+    @cached_property
     def summary(self):
+        """`routing_summary`, computed once on first use."""
         return routing_summary(self.logits, self.probs, self.expert, self.valid, self.keep)
 
     @property
     def aux_loss(self) -> torch.Tensor:
-        return self.summary()[0]
+        return self.summary[0]
 
     @property
     def z_loss(self) -> torch.Tensor:
-        return self.summary()[1]
+        return self.summary[1]
 
     @property
     def expert_load(self) -> torch.Tensor:
         """[E] share of valid tokens whose top-1 is each expert (before dropping)."""
-        return self.summary()[2]
+        return self.summary[2]
 
     @property
     def dropped_fraction(self) -> torch.Tensor:
-        return self.summary()[3]
+        return self.summary[3]
 
 
 def stacked_summary(routings: list[Routing]):
@@ -150,11 +152,12 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
-def route(router_weight, router_input, valid, capacity_factor, min_capacity, sort: bool, rows: RowOrder | None = None):
-    """The router's decisions for every token: logits and probabilities [E, T] (float32), the top-1
-    probability and expert [T], the tokens kept within capacity [T], and, if sorted, `sort_by_expert`'s
-    rows and counts (else None). Results are in token order; `rows` gives the order of `router_input`'s
-    rows when it is not."""
+def route(router_weight, router_input, valid, capacity_factor, min_capacity, dtype: torch.dtype, sort: bool,
+          rows: RowOrder | None = None):
+    """The router's decisions for every token: logits and probabilities [E, T] (float32); the scale [T]
+    in `dtype` (the top-1 probability, 0 for padding and dropped tokens); the top-1 expert and the
+    tokens kept within capacity [T]; and, if sorted, `sort_by_expert`'s rows and counts (else None).
+    Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
     logits = router_weight.float() @ router_input.float().t()
     if rows is not None:
         logits = logits.index_select(1, rows.token_row)
@@ -166,7 +169,7 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, sor
     keep = valid
     if capacity_factor is not None:
         keep = capacity_keep(expert, valid, sorted_rows, counts, capacity_factor, min_capacity)
-    return logits, probs, top_prob, expert, keep, sorted_rows, counts
+    return logits, probs, (top_prob * keep).to(dtype), expert, keep, sorted_rows, counts
 
 
 class PermuteRows(torch.autograd.Function):
@@ -207,8 +210,8 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, router_input, router_weight, weight, bias, valid, capacity_factor, min_capacity, rows, output):
-        logits, probs, top_prob, expert, keep, (order, inverse), counts = route(
-            router_weight, router_input, valid, capacity_factor, min_capacity, sort=True, rows=rows
+        logits, probs, scale, expert, keep, (order, inverse), counts = route(
+            router_weight, router_input, valid, capacity_factor, min_capacity, x.dtype, sort=True, rows=rows
         )
         offsets = counts.cumsum(0).to(torch.int32)
         # order / inverse: token of each sorted row / sorted row of each token. gather_in: input row of
@@ -221,7 +224,6 @@ class RoutedExperts(torch.autograd.Function):
             gather_out = scatter_out = None
         else:
             gather_out, scatter_out = inverse.index_select(0, output.row_token), output.token_row.index_select(0, order)
-        scale = (top_prob * keep).to(x.dtype)
         scale_sorted = scale.index_select(0, order).unsqueeze(1)
         ctx.scale_input = bias is None and weight.shape[2] <= weight.shape[1]
         ctx.router_input_is_x = router_input is x
@@ -301,7 +303,9 @@ def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = Non
     view of its matrix (`on_views`); elsewhere the chosen matrices are gathered for one batched
     matrix-vector product, without a host sync.
     """
-    if x.device.type == "cpu" if on_views is None else on_views:
+    if on_views is None:
+        on_views = x.device.type == "cpu"
+    if on_views:
         ids = expert.tolist()
         if len(set(ids)) == 1:  # one expert for all tokens, as always in batch-1 decoding
             out = F.linear(x, weight[ids[0]], None if bias is None else bias[ids[0]])
@@ -397,11 +401,10 @@ class RoutedLinear(nn.Module):
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
         else:
-            logits, probs, top_prob, expert, keep, _, _ = route(
+            logits, probs, scale, expert, keep, _, _ = route(
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
-                sort=False,
+                x.dtype, sort=False,
             )
-            scale = (top_prob * keep).to(x.dtype)
             out = EXPERT_BACKENDS[backend](x, self.weight, self.bias, expert, scale)
             self.routing = Routing(logits, probs, expert, valid, keep)
         return out.reshape(*leading_shape, self.out_features)
