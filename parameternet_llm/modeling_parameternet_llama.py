@@ -116,29 +116,30 @@ class RowOrder(NamedTuple):
     token_row: torch.Tensor  # [T]
 
 
-def sort_by_expert(expert: torch.Tensor, valid: torch.Tensor, num_experts: int) -> tuple[RowOrder, torch.Tensor]:
-    """Rows grouped by expert, within an expert valid tokens first, each part in token order; and the
-    rows per expert [E] (padding included). One stable sort serves the grouped dispatch and capacity."""
-    row_token = torch.argsort(2 * expert + (~valid).long(), stable=True)
-    rows = torch.arange(row_token.numel(), device=row_token.device)
-    token_row = torch.empty_like(row_token).scatter_(0, row_token, rows)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert.device).scatter_add_(
-        0, expert, torch.ones_like(expert)
-    )
-    return RowOrder(row_token, token_row), counts
-
-
-def capacity_keep(expert, valid, sorted_rows: RowOrder, counts, capacity_factor, min_capacity):
+def capacity_keep(expert, valid, capacity_factor, min_capacity, num_experts: int):
     """Valid tokens within their expert's capacity C = max(min_capacity, ceil(factor * T_valid / E)).
 
-    Valid tokens claim slots in token order and padding claims none, so with `sort_by_expert`'s rows a
-    valid token's slot is its row minus its group's first row. Sync-free: C stays a tensor.
+    Valid tokens claim slots in token order and padding claims none: a token's slot is the running
+    count of its expert's valid tokens, over an experts-first [E, T] mask. Sync-free: C stays a tensor.
     """
-    group_start = counts.cumsum(0) - counts
-    slot = sorted_rows.token_row - group_start[expert]
+    chosen = (expert == torch.arange(num_experts, device=expert.device).unsqueeze(1)) & valid
+    slot = chosen.cumsum(1, dtype=torch.int32).gather(0, expert.unsqueeze(0)).squeeze(0) - 1
     num_valid = valid.sum(dtype=torch.float64)
-    capacity = torch.clamp((capacity_factor * num_valid / counts.numel()).ceil(), min=min_capacity)
+    capacity = torch.clamp((capacity_factor * num_valid / num_experts).ceil(), min=min_capacity)
     return valid & (slot < capacity)
+
+
+def dispatch_order(expert: torch.Tensor, keep: torch.Tensor, num_experts: int) -> tuple[RowOrder, torch.Tensor]:
+    """Rows for the grouped dispatch: the kept tokens grouped by expert, then the rest (dropped tokens
+    and padding), each part in token order; and the kept tokens per expert [E]."""
+    key = torch.where(keep, expert, num_experts)
+    row_token = torch.argsort(key, stable=True)
+    rows = torch.arange(row_token.numel(), device=row_token.device)
+    token_row = torch.empty_like(row_token).scatter_(0, row_token, rows)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert.device).scatter_add_(
+        0, key, torch.ones_like(key)
+    )
+    return RowOrder(row_token, token_row), counts[:num_experts]
 
 
 def loop_experts(x, weight, bias, expert, scale):
@@ -156,19 +157,18 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
           rows: RowOrder | None = None):
     """The router's decisions for every token: logits and probabilities [E, T] (float32); the scale [T]
     in `dtype` (the top-1 probability, 0 for padding and dropped tokens); the top-1 expert and the
-    tokens kept within capacity [T]; and, if sorted, `sort_by_expert`'s rows and counts (else None).
+    tokens kept within capacity [T]; and, if sorted, `dispatch_order`'s rows and counts (else None).
     Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
+    num_experts = router_weight.shape[0]
     logits = router_weight.float() @ router_input.float().t()
     if rows is not None:
         logits = logits.index_select(1, rows.token_row)
     probs = logits.softmax(dim=0)
     top_prob, expert = probs.max(dim=0)
-    sorted_rows = counts = None
-    if sort or capacity_factor is not None:
-        sorted_rows, counts = sort_by_expert(expert, valid, router_weight.shape[0])
     keep = valid
     if capacity_factor is not None:
-        keep = capacity_keep(expert, valid, sorted_rows, counts, capacity_factor, min_capacity)
+        keep = capacity_keep(expert, valid, capacity_factor, min_capacity, num_experts)
+    sorted_rows, counts = dispatch_order(expert, keep, num_experts) if sort else (None, None)
     return logits, probs, (top_prob * keep).to(dtype), expert, keep, sorted_rows, counts
 
 
@@ -194,9 +194,9 @@ class RoutedExperts(torch.autograd.Function):
     """Router, capacity and the sorted `grouped_mm` dispatch as one autograd node, without host sync.
 
     y = p * (W_e x + b_e) for every token with its top-1 expert e and probability p (0 when dropped or
-    padding). Tokens are sorted by expert; every token goes through its expert, so the groups cover all
-    rows (grouped_mm leaves rows past the last offset uninitialised). Forward: gather in, one
-    grouped_mm, gather out; backward: gather the gradient, two grouped_mms, gather out. Without a bias
+    padding). Kept tokens are sorted by expert, dropped tokens and padding after them, outside the
+    groups (grouped_mm leaves such rows uninitialised). Forward: gather in, one grouped_mm, gather out;
+    backward: gather the gradient, two grouped_mms, gather out. Without a bias
     p (W x) = W (p x), so p and its gradient (<W_e^T g, x> on the input side, <g, W_e x + b_e> on the
     output side) are taken on the narrower of input and output. The router's gradient (through p, and
     through the logits and probabilities that the losses read) joins the input's gradient in the
@@ -213,17 +213,26 @@ class RoutedExperts(torch.autograd.Function):
         logits, probs, scale, expert, keep, (order, inverse), counts = route(
             router_weight, router_input, valid, capacity_factor, min_capacity, x.dtype, sort=True, rows=rows
         )
-        offsets = counts.cumsum(0).to(torch.int32)
+        offsets = counts.cumsum(0)
+        # Sorted rows past the kept tokens (dropped and padding, output 0) are not multiplied but for
+        # one, `spare`, computed with scale 0: every such token reads its output and input gradient
+        # there. A `SORTED` output hands on every row, so then all rows are multiplied.
+        offsets[-1] = x.shape[0] if output is SORTED else (offsets[-1] + 1).clamp(max=x.shape[0])
+        spare = offsets[-1] - 1
+        offsets = offsets.to(torch.int32)
         # order / inverse: token of each sorted row / sorted row of each token. gather_in: input row of
         # each sorted row, scatter_in the reverse; likewise gather_out / scatter_out for the output rows.
         gather_in, scatter_in = (order, inverse) if rows is None else (
             rows.token_row.index_select(0, order), inverse.index_select(0, rows.row_token))
         if output is None:
-            gather_out, scatter_out = inverse, order
+            gather_out, scatter_out = torch.where(keep, inverse, spare), order
         elif output is SORTED:
             gather_out = scatter_out = None
         else:
-            gather_out, scatter_out = inverse.index_select(0, output.row_token), output.token_row.index_select(0, order)
+            gather_out = torch.where(keep, inverse, spare).index_select(0, output.row_token)
+            scatter_out = output.token_row.index_select(0, order)
+        if output is not SORTED:
+            scatter_in = torch.where(keep if rows is None else keep.index_select(0, rows.row_token), scatter_in, spare)
         scale_sorted = scale.index_select(0, order).unsqueeze(1)
         ctx.scale_input = bias is None and weight.shape[2] <= weight.shape[1]
         ctx.router_input_is_x = router_input is x

@@ -31,3 +31,26 @@ def tiny_config(**overrides) -> ParameterNetLlamaConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def strict_grouped_mm(monkeypatch):
+    """`F.grouped_mm` held to its contract past the last offset: rows there are in no group, so they are
+    made NaN in its inputs (they must not count) and in its output (it leaves them uninitialised). A
+    dispatch that reads such rows then fails its comparison instead of passing on zeroed memory."""
+    grouped_mm = torch.nn.functional.grouped_mm
+
+    def strict(mat_a, mat_b, *, offs, **kwargs):
+        end = int(offs[-1])
+        mat_a = mat_a.clone()
+        if mat_b.dim() == 3:  # [T, in] x [E, in, out]: groups of rows
+            mat_a[end:] = float("nan")
+            out = grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+            out[end:] = float("nan")
+            return out
+        mat_b = mat_b.clone()  # [out, T] x [T, in]: groups along the reduced dimension
+        mat_a[:, end:] = float("nan")
+        mat_b[end:] = float("nan")
+        return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", strict)

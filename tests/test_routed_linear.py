@@ -58,6 +58,7 @@ def make_layer(backend, num_experts=4, bias=False, capacity_factor=1.0, in_featu
     return layer
 
 
+@pytest.mark.usefixtures("strict_grouped_mm")
 @pytest.mark.parametrize("backend", ["loop", "grouped_mm", "gathered"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0, 0.5])
 @pytest.mark.parametrize("bias", [False, True])
@@ -76,6 +77,7 @@ def assert_fp32_close(got, want, msg=None):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()), msg=msg)
 
 
+@pytest.mark.usefixtures("strict_grouped_mm")
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 @pytest.mark.parametrize("in_features,out_features", [(32, 48), (48, 32)])  # probability on input / output side
