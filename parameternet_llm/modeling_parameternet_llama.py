@@ -119,27 +119,26 @@ class RowOrder(NamedTuple):
 def capacity_keep(expert, valid, capacity_factor, min_capacity, num_experts: int):
     """Valid tokens within their expert's capacity C = max(min_capacity, ceil(factor * T_valid / E)).
 
-    Valid tokens claim slots in token order and padding claims none: a token's slot is the running
-    count of its expert's valid tokens, over an experts-first [E, T] mask. Sync-free: C stays a tensor.
+    Valid tokens claim slots in token order and padding claims none: a token is kept while the running
+    count of its expert's valid tokens, over an experts-first [E, T] mask, is at most C. Sync-free: C
+    stays a tensor.
     """
     chosen = (expert == torch.arange(num_experts, device=expert.device).unsqueeze(1)) & valid
-    slot = chosen.cumsum(1, dtype=torch.int32).gather(0, expert.unsqueeze(0)).squeeze(0) - 1
+    count = chosen.cumsum(1, dtype=torch.int32).gather(0, expert.unsqueeze(0)).squeeze(0)
     num_valid = valid.sum(dtype=torch.float64)
     capacity = torch.clamp((capacity_factor * num_valid / num_experts).ceil(), min=min_capacity)
-    return valid & (slot < capacity)
+    return valid & (count <= capacity)
 
 
 def dispatch_order(expert: torch.Tensor, keep: torch.Tensor, num_experts: int) -> tuple[RowOrder, torch.Tensor]:
     """Rows for the grouped dispatch: the kept tokens grouped by expert, then the rest (dropped tokens
-    and padding), each part in token order; and the kept tokens per expert [E]."""
-    key = torch.where(keep, expert, num_experts)
-    row_token = torch.argsort(key, stable=True)
+    and padding), each part in token order; and where each expert's group ends [E] (int32)."""
+    sorted_key, row_token = torch.sort(torch.where(keep, expert, num_experts), stable=True)
     rows = torch.arange(row_token.numel(), device=row_token.device)
     token_row = torch.empty_like(row_token).scatter_(0, row_token, rows)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert.device).scatter_add_(
-        0, key, torch.ones_like(key)
-    )
-    return RowOrder(row_token, token_row), counts[:num_experts]
+    experts = torch.arange(1, num_experts + 1, device=expert.device)
+    group_ends = torch.searchsorted(sorted_key, experts, out_int32=True)  # keys below e + 1
+    return RowOrder(row_token, token_row), group_ends
 
 
 def loop_experts(x, weight, bias, expert, scale):
@@ -157,7 +156,7 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
           rows: RowOrder | None = None):
     """The router's decisions for every token: logits and probabilities [E, T] (float32); the scale [T]
     in `dtype` (the top-1 probability, 0 for padding and dropped tokens); the top-1 expert and the
-    tokens kept within capacity [T]; and, if sorted, `dispatch_order`'s rows and counts (else None).
+    tokens kept within capacity [T]; and, if sorted, `dispatch_order`'s rows and group ends (else None).
     Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
     num_experts = router_weight.shape[0]
     logits = router_weight.float() @ router_input.float().t()
@@ -168,8 +167,8 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
     keep = valid
     if capacity_factor is not None:
         keep = capacity_keep(expert, valid, capacity_factor, min_capacity, num_experts)
-    sorted_rows, counts = dispatch_order(expert, keep, num_experts) if sort else (None, None)
-    return logits, probs, (top_prob * keep).to(dtype), expert, keep, sorted_rows, counts
+    sorted_rows, group_ends = dispatch_order(expert, keep, num_experts) if sort else (None, None)
+    return logits, probs, (top_prob * keep).to(dtype), expert, keep, sorted_rows, group_ends
 
 
 class PermuteRows(torch.autograd.Function):
@@ -210,16 +209,14 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, router_input, router_weight, weight, bias, valid, capacity_factor, min_capacity, rows, output):
-        logits, probs, scale, expert, keep, (order, inverse), counts = route(
+        logits, probs, scale, expert, keep, (order, inverse), offsets = route(
             router_weight, router_input, valid, capacity_factor, min_capacity, x.dtype, sort=True, rows=rows
         )
-        offsets = counts.cumsum(0)
         # Sorted rows past the kept tokens (dropped and padding, output 0) are not multiplied but for
         # one, `spare`, computed with scale 0: every such token reads its output and input gradient
         # there. A `SORTED` output hands on every row, so then all rows are multiplied.
         offsets[-1] = x.shape[0] if output is SORTED else (offsets[-1] + 1).clamp(max=x.shape[0])
         spare = offsets[-1] - 1
-        offsets = offsets.to(torch.int32)
         # order / inverse: token of each sorted row / sorted row of each token. gather_in: input row of
         # each sorted row, scatter_in the reverse; likewise gather_out / scatter_out for the output rows.
         gather_in, scatter_in = (order, inverse) if rows is None else (
@@ -287,7 +284,7 @@ class RoutedExperts(torch.autograd.Function):
         grad_top = torch.where(keep, grad_scale.float(), 0).unsqueeze(0)
         grad_probs = torch.zeros_like(probs) if grad_probs is None else grad_probs.float()
         grad_probs = grad_probs.scatter_add(0, expert.unsqueeze(0), grad_top)
-        grad_router_logits = probs * (grad_probs - (grad_probs * probs).sum(0, keepdim=True))
+        grad_router_logits = probs * (grad_probs - torch.linalg.vecdot(grad_probs, probs, dim=0))
         if grad_logits is not None:
             grad_router_logits += grad_logits
         if rows is not None:
