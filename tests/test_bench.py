@@ -1,6 +1,9 @@
 """The benchmarks run, compare against the dense twin in the same process and end with one JSON line."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +48,18 @@ def test_paired_ratio_holds_when_the_machine_speed_drifts():
     assert bench.paired_ratio(times, "routed", "dense") == pytest.approx(0.5)
     medians = bench.medians(times)
     assert medians["routed"] / medians["dense"] == pytest.approx(0.15)
+
+
+def test_revision_comparison_runs_both_dispatches_with_the_same_weights():
+    """benchmarks/compare_revisions.py loads a git revision's model files beside this tree's and times both."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_revisions.py"
+    run = subprocess.run([sys.executable, str(script), "HEAD", "--part", "mlp", "--shift", "0.3", "--rounds", "1"],
+                         capture_output=True, text=True, cwd=script.parent)
+    assert run.returncode == 0, run.stderr
+    record = last_json_line(run.stdout)
+    assert record["compare"] == "HEAD" and set(record["ms"]) == {"dense", "this tree", "revision"}
+    assert record["speedup"] > 0 and "| revision |" in run.stdout
+
+    missing = subprocess.run([sys.executable, str(script), "no-such-revision"], capture_output=True, text=True,
+                             cwd=script.parent)
+    assert missing.returncode != 0 and "no-such-revision" in missing.stderr
