@@ -109,6 +109,25 @@ def test_grouped_mm_agrees_with_loop_outputs_and_gradients(bias, capacity_factor
     assert torch.all(torch.isfinite(dx_b)) and torch.all(dx_b[~mask] == 0)
 
 
+def test_grouped_dispatch_multiplies_only_kept_tokens_and_one_spare_row(monkeypatch):
+    """Dropped tokens and padding stay out of every grouped_mm (forward, input and weight gradients)."""
+    rows_multiplied = []
+    grouped_mm = torch.nn.functional.grouped_mm
+
+    def recording(mat_a, mat_b, *, offs, **kwargs):
+        rows_multiplied.append(int(offs[-1]))
+        return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", recording)
+    layer = make_layer("grouped_mm", capacity_factor=0.5)
+    x = torch.randn(60, 16, requires_grad=True)
+    mask = torch.rand(60) > 0.2
+    layer(x, mask).square().sum().backward()
+    kept = int(layer.routing.keep.sum())
+    assert kept < int(mask.sum())  # capacity dropped some valid tokens
+    assert rows_multiplied == [kept + 1] * 3
+
+
 def test_router_gets_gradient_through_top1_probability():
     layer = make_layer("grouped_mm", capacity_factor=None)
     layer(torch.randn(20, 16)).square().sum().backward()
