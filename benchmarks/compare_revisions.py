@@ -23,7 +23,14 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from parameternet_llm import modeling_parameternet_llama
-from parameternet_llm.bench import device_and_dtype, interleaved_times, medians, paired_ratio, twin_configs
+from parameternet_llm.bench import (
+    device_and_dtype,
+    interleaved_times,
+    medians,
+    paired_ratio,
+    training_step,
+    twin_configs,
+)
 from parameternet_llm.configuration_parameternet_llama import MOE_PROJECTIONS
 
 MODEL_FILES = ("configuration_parameternet_llama.py", "modeling_parameternet_llama.py")
@@ -53,18 +60,7 @@ def model_steps(old, device, dtype, batch_size=8, seq_len=256):
         models["revision"] = old.ParameterNetLlamaForCausalLM(routed_config)
     models["revision"].load_state_dict(models["this tree"].state_dict())
     ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
-    steps = {}
-    for name, model in models.items():
-        model.to(dtype).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def step(model=model, optimizer=optimizer):
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        steps[name] = step
-    return steps
+    return {name: training_step(model.to(dtype), ids) for name, model in models.items()}
 
 
 def mlp_steps(old, device, dtype, shift: float, tokens=2048):

@@ -115,6 +115,19 @@ def twin_configs(shape: str, num_experts: int, projections: list[str], backend: 
     return dense, routed
 
 
+def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
+    """One causal-LM training step on `ids` (forward, backward, fused AdamW), with its own optimizer."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 256, num_experts: int = 8,
                 projections: tuple[str, ...] = MOE_PROJECTIONS, backend: str = "auto",
                 warmup: int = 2, repeats: int = 6) -> dict:
@@ -125,16 +138,9 @@ def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 25
     for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
                                       ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
         with device:  # initialise on the device: a CPU init of LLaMA-1B with 8 experts takes minutes
-            model = model_class(config).to(dtype).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            model = model_class(config).to(dtype)
         ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
-
-        def step(model=model, optimizer=optimizer, ids=ids):
-            model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        steps[name] = step
+        steps[name] = training_step(model, ids)
     times = interleaved_times(steps, device, warmup, repeats)
     seconds = medians(times)
     tokens = batch_size * seq_len

@@ -217,19 +217,19 @@ class RoutedExperts(torch.autograd.Function):
         # there. A `SORTED` output hands on every row, so then all rows are multiplied.
         offsets[-1] = x.shape[0] if output is SORTED else (offsets[-1] + 1).clamp(max=x.shape[0])
         spare = offsets[-1] - 1
-        # order / inverse: token of each sorted row / sorted row of each token. gather_in: input row of
-        # each sorted row, scatter_in the reverse; likewise gather_out / scatter_out for the output rows.
-        gather_in, scatter_in = (order, inverse) if rows is None else (
-            rows.token_row.index_select(0, order), inverse.index_select(0, rows.row_token))
+        # order / inverse: token of each sorted row / sorted row of each token; read: the sorted row each
+        # token's result comes from. gather_in: input row of each sorted row, scatter_in: sorted row of
+        # each input row; likewise gather_out / scatter_out for the output rows.
+        read = inverse if output is SORTED else torch.where(keep, inverse, spare)
+        gather_in = order if rows is None else rows.token_row.index_select(0, order)
+        scatter_in = read if rows is None else read.index_select(0, rows.row_token)
         if output is None:
-            gather_out, scatter_out = torch.where(keep, inverse, spare), order
+            gather_out, scatter_out = read, order
         elif output is SORTED:
             gather_out = scatter_out = None
         else:
-            gather_out = torch.where(keep, inverse, spare).index_select(0, output.row_token)
+            gather_out = read.index_select(0, output.row_token)
             scatter_out = output.token_row.index_select(0, order)
-        if output is not SORTED:
-            scatter_in = torch.where(keep if rows is None else keep.index_select(0, rows.row_token), scatter_in, spare)
         scale_sorted = scale.index_select(0, order).unsqueeze(1)
         ctx.scale_input = bias is None and weight.shape[2] <= weight.shape[1]
         ctx.router_input_is_x = router_input is x
@@ -244,8 +244,8 @@ class RoutedExperts(torch.autograd.Function):
                 product += bias.index_select(0, expert.index_select(0, order))
             out_sorted = product * scale_sorted
         ctx.rows = rows
-        ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, probs, expert,
-                              keep, order, offsets, scatter_in, scatter_out)
+        ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, scale_sorted,
+                              probs, expert, keep, order, offsets, scatter_in, scatter_out)
         ctx.mark_non_differentiable(expert, keep, order, inverse)
         ctx.set_materialize_grads(False)  # unused outputs bring None, not zeros
         out = out_sorted if gather_out is None else out_sorted.index_select(0, gather_out)
@@ -253,8 +253,8 @@ class RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_logits, grad_probs, *_not_differentiable):
-        (x, router_input, router_weight, weight, bias, sorted_input, product, scale, probs, expert, keep, order,
-         offsets, scatter_in, scatter_out) = ctx.saved_tensors
+        (x, router_input, router_weight, weight, bias, sorted_input, product, scale, scale_sorted, probs, expert, keep,
+         order, offsets, scatter_in, scatter_out) = ctx.saved_tensors
         rows = ctx.rows
         needs_x, needs_router_input, needs_router_weight, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = None
@@ -272,7 +272,7 @@ class RoutedExperts(torch.autograd.Function):
                 grad_x = input_side.mul_((scale if rows is None else scale.index_select(0, rows.row_token)).unsqueeze(1))
         else:  # sorted_input = x, sorted; product = W_e x + b_e before scaling
             grad_scale = torch.empty_like(scale).index_copy_(0, order, torch.linalg.vecdot(grad_sorted, product))
-            grad_sorted = grad_sorted * scale.index_select(0, order).unsqueeze(1)
+            grad_sorted = grad_sorted * scale_sorted
             if needs_x:
                 grad_x = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, scatter_in)
             if needs_weight:
