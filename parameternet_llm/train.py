@@ -234,8 +234,16 @@ class Trainer:
         summary = {"step": self.step, "num_processes": accelerator.num_processes, "final": record,
                    "ranks_in_sync": self.ranks_in_sync()}
         self.save_final(summary)
-        accelerator.end_training()
+        self.close()
         return summary
+
+    def close(self) -> None:
+        """Free the prepared model and optimizer, then end the trackers and the process group. DDP's reducer
+        holds the gloo group: freed only after the group was destroyed, it shut the group down at garbage
+        collection, where one process was seen waiting at exit for a peer that had already gone."""
+        self.model, self.optimizer, self.scheduler = self.accelerator.free_memory(self.model, self.optimizer,
+                                                                                  self.scheduler)
+        self.accelerator.end_training()
 
     def validation_loss(self) -> float:
         model = self.model

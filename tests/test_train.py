@@ -139,8 +139,16 @@ def test_two_processes_train_and_agree(small_world, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "parameternet_llm.train", "--config", str(recipes["tiny"]), f"output_dir={out}", "train.max_steps=4"]
-    result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # A session of its own, so that a hang kills the ranks with the launcher and fails in minutes.
+    process = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"two-process run did not end within 240 s:\n{output[-4000:]}")
+    assert process.returncode == 0, output[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["ranks_in_sync"] is True
     newest = checkpoints(out / "checkpoints")[-1]
