@@ -152,6 +152,12 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether the host may read a tensor's values (expert ids, group sizes) at no cost: on a CPU it waits
+    for no device; on an accelerator it would stall the queue of launched kernels."""
+    return device.type == "cpu"
+
+
 def route(router_weight, router_input, valid, capacity_factor, min_capacity, dtype: torch.dtype, sort: bool,
           rows: RowOrder | None = None):
     """The router's decisions for every token: logits and probabilities [E, T] (float32); the scale [T]
@@ -214,13 +220,15 @@ class RoutedExperts(torch.autograd.Function):
         )
         # Sorted rows past the kept tokens (dropped and padding, output 0) are not multiplied but for
         # one, `spare`, computed with scale 0: every such token reads its output and input gradient
-        # there. A `SORTED` output hands on every row, so then all rows are multiplied.
-        offsets[-1] = x.shape[0] if output is SORTED else (offsets[-1] + 1).clamp(max=x.shape[0])
+        # there. A `SORTED` output hands on every row: where reading where they start is free, the rows
+        # past the spare are zeroed; elsewhere they are multiplied (with scale 0) rather than waited for.
+        zero_tail = output is SORTED and host_reads_are_free(x.device)
+        offsets[-1] = x.shape[0] if output is SORTED and not zero_tail else (offsets[-1] + 1).clamp(max=x.shape[0])
         spare = offsets[-1] - 1
         # order / inverse: token of each sorted row / sorted row of each token; read: the sorted row each
-        # token's result comes from. gather_in: input row of each sorted row, scatter_in: sorted row of
-        # each input row; likewise gather_out / scatter_out for the output rows.
-        read = inverse if output is SORTED else torch.where(keep, inverse, spare)
+        # token's result and input gradient come from. gather_in: input row of each sorted row,
+        # scatter_in: sorted row of each input row; likewise gather_out / scatter_out for the output rows.
+        read = torch.where(keep, inverse, spare)
         gather_in = order if rows is None else rows.token_row.index_select(0, order)
         scatter_in = read if rows is None else read.index_select(0, rows.row_token)
         if output is None:
@@ -243,6 +251,8 @@ class RoutedExperts(torch.autograd.Function):
             if bias is not None:
                 product += bias.index_select(0, expert.index_select(0, order))
             out_sorted = product * scale_sorted
+        if zero_tail:
+            out_sorted[int(offsets[-1]):] = 0
         ctx.rows = rows
         ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, scale_sorted,
                               probs, expert, keep, order, offsets, scatter_in, scatter_out)
@@ -305,12 +315,12 @@ class RoutedExperts(torch.autograd.Function):
 def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = None):
     """Few tokens (decoding): each token through its expert's matrix alone, as dense reads one matrix.
 
-    By default on a CPU, where reading the expert ids costs nothing, each token's product runs on a
-    view of its matrix (`on_views`); elsewhere the chosen matrices are gathered for one batched
+    By default where reading the expert ids is free (`host_reads_are_free`), each token's product runs
+    on a view of its matrix (`on_views`); elsewhere the chosen matrices are gathered for one batched
     matrix-vector product, without a host sync.
     """
     if on_views is None:
-        on_views = x.device.type == "cpu"
+        on_views = host_reads_are_free(x.device)
     if on_views:
         ids = expert.tolist()
         if len(set(ids)) == 1:  # one expert for all tokens, as always in batch-1 decoding

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from parameternet_llm import ParameterNetLlamaConfig  # noqa: E402
+from parameternet_llm import ParameterNetLlamaConfig, modeling_parameternet_llama  # noqa: E402
 
 TINY_SHAPE = dict(
     vocab_size=96,
@@ -54,3 +54,10 @@ def strict_grouped_mm(monkeypatch):
         return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", strict)
+
+
+@pytest.fixture
+def accelerator_reads(monkeypatch):
+    """Dispatch as on an accelerator, where the host must not read tensor values: the CPU then takes the
+    paths that a GPU takes."""
+    monkeypatch.setattr(modeling_parameternet_llama, "host_reads_are_free", lambda device: False)

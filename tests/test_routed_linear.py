@@ -128,6 +128,33 @@ def test_grouped_dispatch_multiplies_only_kept_tokens_and_one_spare_row(monkeypa
     assert rows_multiplied == [kept + 1] * 3
 
 
+@pytest.mark.parametrize("host_reads", ["free", "as on an accelerator"])
+def test_sorted_lead_multiplies_every_row_only_where_host_reads_cost(host_reads, request, monkeypatch):
+    """The MLP's lead hands on its output whole in sorted order: where reading where its dropped rows start
+    is free, they are zeroed instead of multiplied; elsewhere every row is multiplied with scale 0."""
+    if host_reads != "free":
+        request.getfixturevalue("accelerator_reads")
+    rows_multiplied = []
+    grouped_mm = torch.nn.functional.grouped_mm
+
+    def recording(mat_a, mat_b, *, offs, **kwargs):
+        rows_multiplied.append(int(offs[-1]))
+        return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", recording)
+    config = tiny_config(num_experts=4, moe_projections=["up_proj"], capacity_factor=0.5, min_capacity=1)
+    mlp = ParameterNetLlamaMLP(config, layer_idx=0).train()
+    x = torch.randn(60, config.hidden_size, requires_grad=True)
+    mask = torch.rand(60) > 0.2
+    out = mlp(x, mask)
+    out.square().sum().backward()
+    routing = mlp.up_proj.routing
+    kept = int(routing.keep.sum())
+    assert mlp.sorted_lead(x) == "up_proj" and kept < int(mask.sum())
+    assert rows_multiplied == [kept + 1 if host_reads == "free" else 60] * 3
+    assert torch.all(out[~routing.keep] == 0) and torch.all(torch.isfinite(x.grad))
+
+
 def test_router_gets_gradient_through_top1_probability():
     layer = make_layer("grouped_mm", capacity_factor=None)
     layer(torch.randn(20, 16)).square().sum().backward()
@@ -332,6 +359,7 @@ def test_grouped_mm_training_step_has_no_host_synchronising_op():
     assert "nonzero" in ops.names  # the recorder does see synchronising ops
 
 
+@pytest.mark.usefixtures("accelerator_reads")
 def test_mlp_in_sorted_row_order_has_no_host_synchronising_op():
     config = tiny_config(num_experts=4, moe_projections=["gate_proj", "up_proj", "down_proj"], router_jitter_noise=0.1)
     mlp = ParameterNetLlamaMLP(config, layer_idx=0).train()
