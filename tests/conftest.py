@@ -61,3 +61,11 @@ def accelerator_reads(monkeypatch):
     """Dispatch as on an accelerator, where the host must not read tensor values: the CPU then takes the
     paths that a GPU takes."""
     monkeypatch.setattr(modeling_parameternet_llama, "host_reads_are_free", lambda device: False)
+
+
+@pytest.fixture(params=["free", "as on an accelerator"])
+def host_reads(request):
+    """Each dispatch policy in turn: the CPU's own (host reads free), then the accelerator's."""
+    if request.param != "free":
+        request.getfixturevalue("accelerator_reads")
+    return request.param

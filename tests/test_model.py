@@ -216,14 +216,11 @@ def test_parameters_are_named_as_documented():
     assert shapes["model.layers.0.mlp.up_proj.weight"] == (64, 32)
 
 
-@pytest.mark.usefixtures("strict_grouped_mm")
+@pytest.mark.usefixtures("strict_grouped_mm", "host_reads")
 @pytest.mark.parametrize("projections", [ALL_PROJECTIONS, ["up_proj"], ["gate_proj"], ["down_proj"],
                                          ["gate_proj", "down_proj"], ["up_proj", "down_proj"], ["gate_proj", "up_proj"]])
-@pytest.mark.parametrize("host_reads", ["free", "as on an accelerator"])
-def test_mlp_in_sorted_row_order_matches_token_order_reference(projections, host_reads, request):
+def test_mlp_in_sorted_row_order_matches_token_order_reference(projections):
     """The grouped MLP runs in its lead projection's sorted row order; the loop runs in token order."""
-    if host_reads != "free":
-        request.getfixturevalue("accelerator_reads")
     routing = dict(num_experts=4, moe_projections=projections, capacity_factor=1.0, min_capacity=1)
     reference = ParameterNetLlamaMLP(tiny_config(**routing, moe_backend="loop"), layer_idx=0)
     grouped = ParameterNetLlamaMLP(tiny_config(**routing, moe_backend="grouped_mm"), layer_idx=0)

@@ -109,16 +109,22 @@ def test_grouped_mm_agrees_with_loop_outputs_and_gradients(bias, capacity_factor
     assert torch.all(torch.isfinite(dx_b)) and torch.all(dx_b[~mask] == 0)
 
 
-def test_grouped_dispatch_multiplies_only_kept_tokens_and_one_spare_row(monkeypatch):
-    """Dropped tokens and padding stay out of every grouped_mm (forward, input and weight gradients)."""
-    rows_multiplied = []
+@pytest.fixture
+def rows_multiplied(monkeypatch):
+    """The rows that each `F.grouped_mm` call multiplies (its last offset), in call order."""
+    rows = []
     grouped_mm = torch.nn.functional.grouped_mm
 
     def recording(mat_a, mat_b, *, offs, **kwargs):
-        rows_multiplied.append(int(offs[-1]))
+        rows.append(int(offs[-1]))
         return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "grouped_mm", recording)
+    return rows
+
+
+def test_grouped_dispatch_multiplies_only_kept_tokens_and_one_spare_row(rows_multiplied):
+    """Dropped tokens and padding stay out of every grouped_mm (forward, input and weight gradients)."""
     layer = make_layer("grouped_mm", capacity_factor=0.5)
     x = torch.randn(60, 16, requires_grad=True)
     mask = torch.rand(60) > 0.2
@@ -128,20 +134,9 @@ def test_grouped_dispatch_multiplies_only_kept_tokens_and_one_spare_row(monkeypa
     assert rows_multiplied == [kept + 1] * 3
 
 
-@pytest.mark.parametrize("host_reads", ["free", "as on an accelerator"])
-def test_sorted_lead_multiplies_every_row_only_where_host_reads_cost(host_reads, request, monkeypatch):
+def test_sorted_lead_multiplies_every_row_only_where_host_reads_cost(host_reads, rows_multiplied):
     """The MLP's lead hands on its output whole in sorted order: where reading where its dropped rows start
     is free, they are zeroed instead of multiplied; elsewhere every row is multiplied with scale 0."""
-    if host_reads != "free":
-        request.getfixturevalue("accelerator_reads")
-    rows_multiplied = []
-    grouped_mm = torch.nn.functional.grouped_mm
-
-    def recording(mat_a, mat_b, *, offs, **kwargs):
-        rows_multiplied.append(int(offs[-1]))
-        return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", recording)
     config = tiny_config(num_experts=4, moe_projections=["up_proj"], capacity_factor=0.5, min_capacity=1)
     mlp = ParameterNetLlamaMLP(config, layer_idx=0).train()
     x = torch.randn(60, config.hidden_size, requires_grad=True)
