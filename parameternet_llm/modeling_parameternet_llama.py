@@ -220,8 +220,9 @@ class RoutedExperts(torch.autograd.Function):
         )
         # Sorted rows past the kept tokens (dropped and padding, output 0) are not multiplied but for
         # one, `spare`, computed with scale 0: every such token reads its output and input gradient
-        # there. A `SORTED` output hands on every row: where reading where they start is free, the rows
-        # past the spare are zeroed; elsewhere they are multiplied (with scale 0) rather than waited for.
+        # there. A `SORTED` output hands on every row: where `host_reads_are_free`, the rows past the
+        # spare are zeroed; elsewhere they are multiplied with scale 0, as reading where they start
+        # would wait for the device.
         zero_tail = output is SORTED and host_reads_are_free(x.device)
         offsets[-1] = x.shape[0] if output is SORTED and not zero_tail else (offsets[-1] + 1).clamp(max=x.shape[0])
         spare = offsets[-1] - 1
