@@ -196,7 +196,8 @@ SORTED = "sorted"  # output rows of `RoutedExperts` left in the expert-sorted or
 
 
 class RoutedExperts(torch.autograd.Function):
-    """Router, capacity and the sorted `grouped_mm` dispatch as one autograd node, without host sync.
+    """Router, capacity and the sorted `grouped_mm` dispatch as one autograd node, without host sync
+    on an accelerator.
 
     y = p * (W_e x + b_e) for every token with its top-1 expert e and probability p (0 when dropped or
     padding). Kept tokens are sorted by expert, dropped tokens and padding after them, outside the
