@@ -224,8 +224,8 @@ class RoutedExperts(torch.autograd.Function):
         # there. A `SORTED` output hands on every row: where `host_reads_are_free`, the rows past the
         # spare are zeroed; elsewhere they are multiplied with scale 0, as reading where they start
         # would wait for the device.
-        zero_tail = output is SORTED and host_reads_are_free(x.device)
-        offsets[-1] = x.shape[0] if output is SORTED and not zero_tail else (offsets[-1] + 1).clamp(max=x.shape[0])
+        multiply_all = output is SORTED and not host_reads_are_free(x.device)
+        offsets[-1] = x.shape[0] if multiply_all else (offsets[-1] + 1).clamp(max=x.shape[0])
         spare = offsets[-1] - 1
         # order / inverse: token of each sorted row / sorted row of each token; read: the sorted row each
         # token's result and input gradient come from. gather_in: input row of each sorted row,
@@ -253,8 +253,8 @@ class RoutedExperts(torch.autograd.Function):
             if bias is not None:
                 product += bias.index_select(0, expert.index_select(0, order))
             out_sorted = product * scale_sorted
-        if zero_tail:
-            out_sorted[int(offsets[-1]):] = 0
+        if output is SORTED and not multiply_all:
+            out_sorted[int(offsets[-1]):] = 0  # the rows past the spare, left uninitialised by grouped_mm
         ctx.rows = rows
         ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, scale_sorted,
                               probs, expert, keep, order, offsets, scatter_in, scatter_out)
