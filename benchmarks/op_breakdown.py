@@ -5,9 +5,10 @@
 
 Both models' training steps (forward, backward and fused AdamW, as in `parameternet-llm bench train`)
 run interleaved in one process with every aten op timed under a dispatch mode. Prints each op's ms per
-step for dense and ParameterNet and the difference, largest either way first (`--shapes`: per op and output
-shape), then one JSON line. The timer adds a little to every op, so the totals lie above the steps'
-plain times; the ops run on the CPU, where an op's wall time is its cost.
+step for dense and ParameterNet and the difference, largest either way first (`--shapes`: per op and
+output shape), then one JSON line. The timer's own Python runs between the ops, so a timed step is
+slower than a plain one but each op's time is its own; the ops run on the CPU, where an op's wall time
+is its cost. Python and autograd work outside the ops is not counted.
 """
 
 import argparse
