@@ -1,7 +1,7 @@
 """Where ParameterNet's training step spends the time its dense twin does not, op by op, on the CPU.
 
     python benchmarks/op_breakdown.py                  # cpu-small, batch 8 x 256, 8 experts on gate+up+down
-    python benchmarks/op_breakdown.py --shapes --top 40
+    python benchmarks/op_breakdown.py --shapes --top 40 --warmup 40   # routers near balance first
 
 Both models' training steps (forward, backward and fused AdamW, as in `parameternet-llm bench train`)
 run interleaved in one process with every aten op timed under a dispatch mode. Prints each op's ms per
@@ -50,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the routers balance as they train)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--top", type=int, default=25, help="ops shown, largest difference (either way) first")
     parser.add_argument("--shapes", action="store_true", help="one row per op and output shape")
@@ -61,7 +62,7 @@ def main() -> None:
              "parameternet": training_step(ParameterNetLlamaForCausalLM(routed_config), ids)}
     timers = {name: OpTimer(args.shapes) for name in steps}
     for step in steps.values():
-        for _ in range(2):  # warm-up
+        for _ in range(args.warmup):
             step()
     for _ in range(args.rounds):
         for name, step in steps.items():
