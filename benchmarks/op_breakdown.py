@@ -84,8 +84,8 @@ def main() -> None:
               f"({calls['parameternet'].get(key, 0)}) | {routed - dense:+.2f} |")
     print(f"| all ops | {totals['dense']:.1f} | {totals['parameternet']:.1f} | "
           f"{totals['parameternet'] - totals['dense']:+.1f} |")
-    print(json.dumps({"breakdown": "train", "batch": [args.batch_size, args.seq_len], "rounds": args.rounds,
-                      "ms_per_step": totals,
+    print(json.dumps({"breakdown": "train", "batch": [args.batch_size, args.seq_len], "warmup": args.warmup,
+                      "rounds": args.rounds, "ms_per_step": totals,
                       "ops": {key: [ms["dense"].get(key, 0.0), ms["parameternet"].get(key, 0.0)] for key in keys}}))
 
 
