@@ -18,11 +18,9 @@ from collections import defaultdict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaForCausalLM
 
-from parameternet_llm.bench import training_step, twin_configs
+from parameternet_llm.bench import training_step, twin_configs, twin_models
 from parameternet_llm.configuration_parameternet_llama import MOE_PROJECTIONS
-from parameternet_llm.modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 
 
 class OpTimer(TorchDispatchMode):
@@ -58,8 +56,8 @@ def main() -> None:
     torch.manual_seed(0)
     dense_config, routed_config = twin_configs("cpu-small", 8, list(MOE_PROJECTIONS), "auto", args.seq_len)
     ids = torch.randint(0, dense_config.vocab_size, (args.batch_size, args.seq_len))
-    steps = {"dense": training_step(LlamaForCausalLM(dense_config), ids),
-             "parameternet": training_step(ParameterNetLlamaForCausalLM(routed_config), ids)}
+    models = twin_models(dense_config, routed_config, torch.device("cpu"), torch.float32)
+    steps = {name: training_step(model, ids) for name, model in models.items()}
     timers = {name: OpTimer(args.shapes) for name in steps}
     for step in steps.values():
         for _ in range(args.warmup):

@@ -115,6 +115,17 @@ def twin_configs(shape: str, num_experts: int, projections: list[str], backend: 
     return dense, routed
 
 
+def twin_models(dense_config, routed_config, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """The dense LLaMA and its ParameterNet twin, created on `device` (a CPU init of LLaMA-1B with 8 experts
+    takes minutes) in `dtype`."""
+    models = {}
+    for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
+                                      ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
+        with device:
+            models[name] = model_class(config).to(dtype)
+    return models
+
+
 def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     """One causal-LM training step on `ids` (forward, backward, fused AdamW), with its own optimizer."""
     model.train()
@@ -134,13 +145,9 @@ def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 25
     """Training-step throughput (forward, backward, AdamW) of ParameterNet against its dense twin."""
     device, dtype = device_and_dtype()
     dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend, seq_len)
-    steps = {}
-    for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
-                                      ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
-        with device:  # initialise on the device: a CPU init of LLaMA-1B with 8 experts takes minutes
-            model = model_class(config).to(dtype)
-        ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
-        steps[name] = training_step(model, ids)
+    ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
+    steps = {name: training_step(model, ids)
+             for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
     times = interleaved_times(steps, device, warmup, repeats)
     seconds = medians(times)
     tokens = batch_size * seq_len
@@ -166,18 +173,18 @@ def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int
     dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend,
                                                prompt_len + new_tokens)
     prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
-    runs = {}
-    for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
-                                      ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
-        with device:
-            model = model_class(config).to(dtype).eval()
+    def greedy_decode(model):
+        model.eval()
 
-        def run(model=model):
+        def run():
             with torch.no_grad():
                 model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                pad_token_id=0)
 
-        runs[name] = run
+        return run
+
+    runs = {name: greedy_decode(model)
+            for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
     times = interleaved_times(runs, device, warmup, repeats)
     seconds = medians(times)
     per_token = {name: 1e3 * s / new_tokens for name, s in seconds.items()}
