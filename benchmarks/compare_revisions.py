@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from parameternet_llm import modeling_parameternet_llama
@@ -30,6 +29,7 @@ from parameternet_llm.bench import (
     paired_ratio,
     training_step,
     twin_configs,
+    twin_models,
 )
 from parameternet_llm.configuration_parameternet_llama import MOE_PROJECTIONS
 
@@ -54,13 +54,13 @@ def load_revision(revision: str, directory: Path):
 
 def model_steps(old, device, dtype, batch_size=8, seq_len=256):
     dense_config, routed_config = twin_configs("cpu-small", 8, list(MOE_PROJECTIONS), "auto", seq_len)
+    models = twin_models(dense_config, routed_config, device, dtype)
+    models["this tree"] = models.pop("parameternet")
     with device:
-        models = {"dense": LlamaForCausalLM(dense_config),
-                  "this tree": modeling_parameternet_llama.ParameterNetLlamaForCausalLM(routed_config)}
-        models["revision"] = old.ParameterNetLlamaForCausalLM(routed_config)
+        models["revision"] = old.ParameterNetLlamaForCausalLM(routed_config).to(dtype)
     models["revision"].load_state_dict(models["this tree"].state_dict())
     ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
-    return {name: training_step(model.to(dtype), ids) for name, model in models.items()}
+    return {name: training_step(model, ids) for name, model in models.items()}
 
 
 def mlp_steps(old, device, dtype, shift: float, tokens=2048):

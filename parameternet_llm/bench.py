@@ -173,6 +173,7 @@ def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int
     dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend,
                                                prompt_len + new_tokens)
     prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
+
     def greedy_decode(model):
         model.eval()
 
