@@ -4,11 +4,12 @@
     python benchmarks/op_breakdown.py --shapes --top 40 --warmup 40   # routers near balance first
 
 Both models' training steps (forward, backward and fused AdamW, as in `parameternet-llm bench train`)
-run interleaved in one process with every aten op timed under a dispatch mode. Prints each op's ms per
-step for dense and ParameterNet and the difference, largest either way first (`--shapes`: per op and
-output shape), then one JSON line. The timer's own Python runs between the ops, so a timed step is
-slower than a plain one but each op's time is its own; the ops run on the CPU, where an op's wall time
-is its cost. Python and autograd work outside the ops is not counted.
+run interleaved in one process with every op (aten's and the package's compiled ones) timed under a
+dispatch mode. Prints each op's ms per step for dense and ParameterNet and the difference, largest
+either way first (`--shapes`: per op and output shape), then one JSON line. The timer's own Python runs
+between the ops, so a timed step is slower than a plain one but each op's time is its own; the ops run
+on the CPU, where an op's wall time is its cost. Python and autograd work outside the ops is not
+counted.
 """
 
 import argparse
@@ -37,6 +38,8 @@ class OpTimer(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         elapsed = time.perf_counter() - start
         key = func.overloadpacket.__name__
+        if func.namespace != "aten":
+            key = f"{func.namespace}::{key}"
         if self.by_shape and isinstance(out, torch.Tensor):
             key += f" {list(out.shape)}"
         self.seconds[key] += elapsed

@@ -6,11 +6,12 @@ the FLOPs stay those of the dense LLaMA while the projection's parameters grow E
 auxiliary losses follow Switch Transformer (Fedus et al. 2021).
 
 Self-contained (imports only torch, transformers and the configuration file) because it is copied
-into every saved checkpoint and loaded with `trust_remote_code=True`.
+into every saved checkpoint and loaded with `trust_remote_code=True`; where the parameternet_llm package
+is installed, it also uses the package's compiled CPU kernels.
 """
 
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from typing import NamedTuple
 
 import torch
@@ -152,6 +153,25 @@ def loop_experts(x, weight, bias, expert, scale):
     return out
 
 
+@cache
+def compiled_cpu_grouped_mm():
+    """The parameternet_llm package's compiled, expert-parallel CPU `grouped_mm`, or None: the package is
+    not installed (a checkpoint's copy of this file runs without it), or its kernels are switched off or
+    could not be built."""
+    try:
+        from parameternet_llm import cpu_kernels
+    except ImportError:
+        return None
+    return cpu_kernels.grouped_mm if cpu_kernels.load() else None
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm`, or on the CPU its compiled expert-parallel twin where there is one."""
+    if a.device.type == "cpu" and (compiled := compiled_cpu_grouped_mm()) is not None:
+        return compiled(a, b, offs)
+    return F.grouped_mm(a, b, offs=offs)
+
+
 def host_reads_are_free(device: torch.device) -> bool:
     """Whether the host may read a tensor's values (expert ids, group sizes) at no cost: on a CPU it waits
     for no device; on an accelerator it would stall the queue of launched kernels."""
@@ -245,11 +265,11 @@ class RoutedExperts(torch.autograd.Function):
         ctx.router_input_is_x = router_input is x
         if ctx.scale_input:
             sorted_input = x.index_select(0, gather_in).mul_(scale_sorted)
-            out_sorted = F.grouped_mm(sorted_input, weight.transpose(1, 2), offs=offsets)
+            out_sorted = grouped_mm(sorted_input, weight.transpose(1, 2), offsets)
             product = None
         else:
             sorted_input = x.index_select(0, gather_in)
-            product = F.grouped_mm(sorted_input, weight.transpose(1, 2), offs=offsets)
+            product = grouped_mm(sorted_input, weight.transpose(1, 2), offsets)
             if bias is not None:
                 product += bias.index_select(0, expert.index_select(0, order))
             out_sorted = product * scale_sorted
@@ -274,21 +294,21 @@ class RoutedExperts(torch.autograd.Function):
             grad_out = torch.zeros_like(x[:, :1]).expand(-1, weight.shape[1])
         grad_sorted = grad_out if scatter_out is None else grad_out.index_select(0, scatter_out)
         if ctx.scale_input:  # sorted_input = p x, sorted; the input is the narrow side
-            input_side = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, scatter_in)  # W_e^T g
+            input_side = grouped_mm(grad_sorted, weight, offsets).index_select(0, scatter_in)  # W_e^T g
             grad_scale = torch.linalg.vecdot(input_side, x)  # in x's row order
             if rows is not None:
                 grad_scale = grad_scale.index_select(0, rows.token_row)
             if needs_weight:
-                grad_weight = F.grouped_mm(grad_sorted.t(), sorted_input, offs=offsets)
+                grad_weight = grouped_mm(grad_sorted.t(), sorted_input, offsets)
             if needs_x:
                 grad_x = input_side.mul_((scale if rows is None else scale.index_select(0, rows.row_token)).unsqueeze(1))
         else:  # sorted_input = x, sorted; product = W_e x + b_e before scaling
             grad_scale = torch.empty_like(scale).index_copy_(0, order, torch.linalg.vecdot(grad_sorted, product))
             grad_sorted = grad_sorted * scale_sorted
             if needs_x:
-                grad_x = F.grouped_mm(grad_sorted, weight, offs=offsets).index_select(0, scatter_in)
+                grad_x = grouped_mm(grad_sorted, weight, offsets).index_select(0, scatter_in)
             if needs_weight:
-                grad_weight = F.grouped_mm(grad_sorted.t(), sorted_input, offs=offsets)
+                grad_weight = grouped_mm(grad_sorted.t(), sorted_input, offsets)
             if needs_bias:
                 grad_bias = torch.zeros_like(bias).index_add_(0, expert.index_select(0, order), grad_sorted)
 

@@ -35,25 +35,37 @@ def _seed():
 
 @pytest.fixture
 def strict_grouped_mm(monkeypatch):
-    """`F.grouped_mm` held to its contract past the last offset: rows there are in no group, so they are
-    made NaN in its inputs (they must not count) and in its output (it leaves them uninitialised). A
-    dispatch that reads such rows then fails its comparison instead of passing on zeroed memory."""
-    grouped_mm = torch.nn.functional.grouped_mm
+    """The routed linears' `grouped_mm` (compiled or torch's) held to its contract past the last offset:
+    rows there are in no group, so they are made NaN in its inputs (they must not count) and in its
+    output (it leaves them uninitialised). A dispatch that reads such rows then fails its comparison
+    instead of passing on zeroed memory."""
+    grouped_mm = modeling_parameternet_llama.grouped_mm
 
-    def strict(mat_a, mat_b, *, offs, **kwargs):
+    def strict(mat_a, mat_b, offs):
         end = int(offs[-1])
         mat_a = mat_a.clone()
         if mat_b.dim() == 3:  # [T, in] x [E, in, out]: groups of rows
             mat_a[end:] = float("nan")
-            out = grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+            out = grouped_mm(mat_a, mat_b, offs)
             out[end:] = float("nan")
             return out
         mat_b = mat_b.clone()  # [out, T] x [T, in]: groups along the reduced dimension
         mat_a[:, end:] = float("nan")
         mat_b[end:] = float("nan")
-        return grouped_mm(mat_a, mat_b, offs=offs, **kwargs)
+        return grouped_mm(mat_a, mat_b, offs)
 
-    monkeypatch.setattr(torch.nn.functional, "grouped_mm", strict)
+    monkeypatch.setattr(modeling_parameternet_llama, "grouped_mm", strict)
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_grouped_mm(request, monkeypatch):
+    """Each CPU grouped product in turn: the package's compiled kernel (which must have been built), then
+    torch's `grouped_mm`, as where the kernels are switched off or cannot be built."""
+    if request.param == "compiled":
+        assert modeling_parameternet_llama.compiled_cpu_grouped_mm() is not None, "the CPU kernels did not build"
+    else:
+        monkeypatch.setattr(modeling_parameternet_llama, "compiled_cpu_grouped_mm", lambda: None)
+    return request.param
 
 
 @pytest.fixture

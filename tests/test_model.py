@@ -216,7 +216,7 @@ def test_parameters_are_named_as_documented():
     assert shapes["model.layers.0.mlp.up_proj.weight"] == (64, 32)
 
 
-@pytest.mark.usefixtures("strict_grouped_mm", "host_reads")
+@pytest.mark.usefixtures("cpu_grouped_mm", "strict_grouped_mm", "host_reads")
 @pytest.mark.parametrize("projections", [ALL_PROJECTIONS, ["up_proj"], ["gate_proj"], ["down_proj"],
                                          ["gate_proj", "down_proj"], ["up_proj", "down_proj"], ["gate_proj", "up_proj"]])
 def test_mlp_in_sorted_row_order_matches_token_order_reference(projections):

@@ -1,0 +1,47 @@
+"""Compiled CPU kernels: the expert-parallel grouped product (`csrc/grouped_mm.cpp`).
+
+Built on first use with torch's C++ extension loader (a C++ compiler and ninja; about a minute) and
+cached by it (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Where they cannot be built,
+or with `PARAMETERNET_LLM_CPU_KERNELS=0`, the models run torch's own `grouped_mm` instead.
+"""
+
+import logging
+import os
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SWITCH = "PARAMETERNET_LLM_CPU_KERNELS"
+SOURCE = Path(__file__).parent / "csrc" / "grouped_mm.cpp"
+
+logger = logging.getLogger(__name__)
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+@cache
+def load() -> bool:
+    """Builds (once per machine and source) and registers `torch.ops.parameternet_llm.grouped_mm`; False,
+    with a warning, where that fails."""
+    if not enabled():
+        return False
+    from torch.utils.cpp_extension import load as load_extension
+
+    logger.info("Loading the CPU kernels (built on first use, about a minute): %s", SOURCE)
+    try:
+        load_extension("parameternet_llm_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as error:  # no compiler, no ninja, a read-only cache: all mean the fallback
+        warnings.warn(f"Could not build the CPU kernels ({type(error).__name__}: {error}); routed linears use "
+                      f"torch's grouped_mm instead. Set {SWITCH}=0 to skip the attempt.", stacklevel=2)
+        return False
+    return True
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`torch.nn.functional.grouped_mm(a, b, offs=offs)` for CPU tensors, its groups spread over the threads."""
+    return torch.ops.parameternet_llm.grouped_mm(a, b, offs)

@@ -1,0 +1,105 @@
+"""The compiled CPU grouped product against per-group products and torch's grouped_mm; its build switch,
+its fallback and its errors."""
+
+import pytest
+import torch
+import torch.utils.cpp_extension
+
+from parameternet_llm import cpu_kernels, modeling_parameternet_llama
+
+# Uneven groups, an empty one inside and one at the end, and rows past the last group (in no group).
+SIZES = [70, 0, 131, 9, 96, 0]
+END = sum(SIZES)
+ROWS = END + 13
+
+
+@pytest.fixture
+def threads(request):
+    """Intra-op threads for the test (the kernel cuts its work into one share per thread), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """`load` and the model's lookup decide afresh in the test and again after it."""
+    def clear():
+        cpu_kernels.load.cache_clear()
+        modeling_parameternet_llama.compiled_cpu_grouped_mm.cache_clear()
+    clear()
+    yield
+    monkeypatch.undo()
+    clear()
+
+
+def offsets(sizes):
+    return torch.tensor(sizes).cumsum(0).to(torch.int32)
+
+
+def bounds(sizes):
+    ends = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    return list(zip(ends[:-1], ends[1:]))
+
+
+def test_the_kernels_build_here():
+    assert cpu_kernels.load(), "the CPU kernels must build where the tests run"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groups_of_rows_match_per_group_products(threads, dtype):
+    a = torch.randn(ROWS, 48).to(dtype)
+    b = torch.randn(len(SIZES), 40, 48).to(dtype).transpose(1, 2)  # [E, in, out] view of [E, out, in]
+    got = cpu_kernels.grouped_mm(a, b, offsets(SIZES))
+    assert got.shape == (ROWS, 40)
+    for e, (start, stop) in enumerate(bounds(SIZES)):
+        torch.testing.assert_close(got[start:stop], a[start:stop] @ b[e])
+    torch.testing.assert_close(got[:END], torch.nn.functional.grouped_mm(a, b, offs=offsets(SIZES))[:END])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+def test_groups_along_the_reduced_dimension_match_per_group_products(threads):
+    a = torch.randn(ROWS, 40).t()  # [out, T], as the weight gradient's transposed output gradient
+    b = torch.randn(ROWS, 48)
+    got = cpu_kernels.grouped_mm(a, b, offsets(SIZES))
+    assert got.shape == (len(SIZES), 40, 48)
+    for e, (start, stop) in enumerate(bounds(SIZES)):
+        torch.testing.assert_close(got[e], a[:, start:stop] @ b[start:stop])
+    assert torch.all(got[1] == 0) and torch.all(got[5] == 0)  # empty groups
+    torch.testing.assert_close(got, torch.nn.functional.grouped_mm(a, b, offs=offsets(SIZES)))
+
+
+@pytest.mark.parametrize("a_shape,b_shape,offs,message", [
+    ((8, 4), (2, 4, 4), torch.tensor([4, 8]), "int32"),
+    ((8, 4), (2, 4, 4), torch.tensor([5, 3], dtype=torch.int32), "non-decreasing"),
+    ((8, 4), (2, 4, 4), torch.tensor([4, 9], dtype=torch.int32), "non-decreasing"),
+    ((8, 4), (3, 4, 4), torch.tensor([4, 8], dtype=torch.int32), "do not match"),
+    ((8, 4), (2, 5, 4), torch.tensor([4, 8], dtype=torch.int32), "do not match"),
+    ((4, 8), (7, 4), torch.tensor([4, 8], dtype=torch.int32), "do not match"),
+])
+def test_bad_operands_are_refused_by_name(a_shape, b_shape, offs, message):
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.grouped_mm(torch.randn(a_shape), torch.randn(b_shape), offs)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu_kernels.grouped_mm(torch.randn(8, 4), torch.randn(2, 4, 4, dtype=torch.float64), offs)
+
+
+def test_switched_off_by_environment(fresh_load, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.SWITCH, "0")
+    assert not cpu_kernels.load()
+    assert modeling_parameternet_llama.compiled_cpu_grouped_mm() is None
+
+
+def test_build_failure_warns_and_falls_back_to_torch(fresh_load, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler found.*torch's grouped_mm"):
+        assert modeling_parameternet_llama.compiled_cpu_grouped_mm() is None
+    layer = modeling_parameternet_llama.RoutedLinear(16, 32, 4, backend="grouped_mm")
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(layer(x), modeling_parameternet_llama.loop_experts(
+        x, layer.weight, None, layer.routing.expert, layer.routing.probs.max(0).values))
