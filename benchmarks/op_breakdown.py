@@ -75,7 +75,7 @@ def main() -> None:
     totals = {name: sum(values.values()) for name, values in ms.items()}
     keys = sorted(set(ms["dense"]) | set(ms["parameternet"]),
                   key=lambda key: -abs(ms["parameternet"].get(key, 0.0) - ms["dense"].get(key, 0.0)))[:args.top]
-    print(f"aten ops of one training step (cpu-small, batch {args.batch_size} x {args.seq_len}, 8 experts on "
+    print(f"ops of one training step (cpu-small, batch {args.batch_size} x {args.seq_len}, 8 experts on "
           f"gate+up+down, fused AdamW), ms per step over {args.rounds} rounds, {torch.get_num_threads()} threads")
     print("| op | dense ms (calls) | ParameterNet ms (calls) | difference |")
     print("|---|---|---|---|")

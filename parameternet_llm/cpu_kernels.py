@@ -19,15 +19,11 @@ SOURCE = Path(__file__).parent / "csrc" / "grouped_mm.cpp"
 logger = logging.getLogger(__name__)
 
 
-def enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0"
-
-
 @cache
 def load() -> bool:
     """Builds (once per machine and source) and registers `torch.ops.parameternet_llm.grouped_mm`; False,
     with a warning, where that fails."""
-    if not enabled():
+    if os.environ.get(SWITCH, "1") == "0":
         return False
     from torch.utils.cpp_extension import load as load_extension
 

@@ -4,6 +4,7 @@ its fallback and its errors."""
 import pytest
 import torch
 import torch.utils.cpp_extension
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from parameternet_llm import cpu_kernels, modeling_parameternet_llama
 
@@ -69,6 +70,16 @@ def test_groups_along_the_reduced_dimension_match_per_group_products(threads):
         torch.testing.assert_close(got[e], a[:, start:stop] @ b[start:stop])
     assert torch.all(got[1] == 0) and torch.all(got[5] == 0)  # empty groups
     torch.testing.assert_close(got, torch.nn.functional.grouped_mm(a, b, offs=offsets(SIZES)))
+
+
+def test_traced_with_fake_tensors_to_the_real_shapes():
+    assert cpu_kernels.load()
+    a, b, b_2d, offs = torch.randn(ROWS, 48), torch.randn(len(SIZES), 48, 40), torch.randn(ROWS, 40), offsets(SIZES)
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (a, b, b_2d, offs)]
+        rows, reduction = cpu_kernels.grouped_mm(*fakes[:2], fakes[3]), cpu_kernels.grouped_mm(fakes[0].t(), *fakes[2:])
+    assert rows.shape == cpu_kernels.grouped_mm(a, b, offs).shape == (ROWS, 40)
+    assert reduction.shape == cpu_kernels.grouped_mm(a.t(), b_2d, offs).shape == (len(SIZES), 48, 40)
 
 
 @pytest.mark.parametrize("a_shape,b_shape,offs,message", [

@@ -93,6 +93,12 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   return grouped_reduction(a, b, group_bounds(offs, a.size(1)));
 }
 
+// The result's shape alone, for tracing (fake tensors, torch.compile).
+at::Tensor grouped_mm_meta(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
+  if (b.dim() == 3) return at::empty({a.size(0), b.size(2)}, a.options());
+  return at::empty({offs.size(0), a.size(0), b.size(1)}, a.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(parameternet_llm, m) {
@@ -101,4 +107,8 @@ TORCH_LIBRARY(parameternet_llm, m) {
 
 TORCH_LIBRARY_IMPL(parameternet_llm, CPU, m) {
   m.impl("grouped_mm", grouped_mm);
+}
+
+TORCH_LIBRARY_IMPL(parameternet_llm, Meta, m) {
+  m.impl("grouped_mm", grouped_mm_meta);
 }
