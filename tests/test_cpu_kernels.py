@@ -14,6 +14,12 @@ END = sum(SIZES)
 ROWS = END + 13
 
 
+@pytest.fixture(autouse=True)
+def built():
+    """Every test here needs the kernels: where the tests run, they must build."""
+    assert cpu_kernels.load(), "the CPU kernels did not build"
+
+
 @pytest.fixture
 def threads(request):
     """Intra-op threads for the test (the kernel cuts its work into one share per thread), restored after."""
@@ -44,10 +50,6 @@ def bounds(sizes):
     return list(zip(ends[:-1], ends[1:]))
 
 
-def test_the_kernels_build_here():
-    assert cpu_kernels.load(), "the CPU kernels must build where the tests run"
-
-
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_groups_of_rows_match_per_group_products(threads, dtype):
@@ -73,7 +75,6 @@ def test_groups_along_the_reduced_dimension_match_per_group_products(threads):
 
 
 def test_traced_with_fake_tensors_to_the_real_shapes():
-    assert cpu_kernels.load()
     a, b, b_2d, offs = torch.randn(ROWS, 48), torch.randn(len(SIZES), 48, 40), torch.randn(ROWS, 40), offsets(SIZES)
     with FakeTensorMode() as mode:
         fakes = [mode.from_tensor(t) for t in (a, b, b_2d, offs)]
