@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from . import cpu_kernels
 from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
 from .presets import MODEL_SHAPES
@@ -25,9 +26,12 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def describe_device(device: torch.device) -> str:
+    """The device and torch; on a CPU also the threads and which grouped product the experts run."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    grouped_mm = "compiled grouped_mm" if cpu_kernels.load() else "torch's grouped_mm"
+    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, {grouped_mm}")
 
 
 def synchronize(device: torch.device) -> None:

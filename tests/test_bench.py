@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from parameternet_llm import bench
 from parameternet_llm.cli import main
@@ -22,6 +23,12 @@ def test_layer_bench_times_each_backend_against_nn_linear(capsys):
     assert printed == json.loads(json.dumps(result))
     assert set(result["ms"]) == {"dense", "loop", "grouped_mm"} and all(v > 0 for v in result["ms"].values())
     assert result["ratio"] == pytest.approx(min(result["ms"]["loop"], result["ms"]["grouped_mm"]) / result["ms"]["dense"])
+
+
+def test_cpu_results_say_which_grouped_product_ran(monkeypatch):
+    assert bench.describe_device(torch.device("cpu")).endswith(", compiled grouped_mm")
+    monkeypatch.setattr(bench.cpu_kernels, "load", lambda: False)
+    assert bench.describe_device(torch.device("cpu")).endswith(", torch's grouped_mm")
 
 
 def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
