@@ -276,8 +276,13 @@ class RoutedExperts(torch.autograd.Function):
         if output is SORTED and not multiply_all:
             out_sorted[int(offsets[-1]):] = 0  # the rows past the spare, left uninitialised by grouped_mm
         ctx.rows = rows
-        ctx.save_for_backward(x, router_input, router_weight, weight, bias, sorted_input, product, scale, scale_sorted,
-                              probs, expert, keep, order, offsets, scatter_in, scatter_out)
+        # x is kept for the probability's gradient on the input side only, and the router's input for its
+        # weight gradient unless it is x, whose rows sorted_input holds then: a down projection would
+        # otherwise keep its input, the MLP's widest activation, twice.
+        x_rows_sorted = ctx.router_input_is_x and not ctx.scale_input
+        ctx.save_for_backward(x if ctx.scale_input else None, None if x_rows_sorted else router_input, router_weight,
+                              weight, bias, sorted_input, product, scale, scale_sorted, probs, expert, keep, order,
+                              offsets, scatter_in, scatter_out)
         ctx.mark_non_differentiable(expert, keep, order, inverse)
         ctx.set_materialize_grads(False)  # unused outputs bring None, not zeros
         out = out_sorted if gather_out is None else out_sorted.index_select(0, gather_out)
@@ -291,7 +296,7 @@ class RoutedExperts(torch.autograd.Function):
         needs_x, needs_router_input, needs_router_weight, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = None
         if grad_out is None:
-            grad_out = torch.zeros_like(x[:, :1]).expand(-1, weight.shape[1])
+            grad_out = torch.zeros_like(sorted_input[:, :1]).expand(-1, weight.shape[1])
         grad_sorted = grad_out if scatter_out is None else grad_out.index_select(0, scatter_out)
         if ctx.scale_input:  # sorted_input = p x, sorted; the input is the narrow side
             input_side = grouped_mm(grad_sorted, weight, offsets).index_select(0, scatter_in)  # W_e^T g
@@ -323,12 +328,17 @@ class RoutedExperts(torch.autograd.Function):
             grad_router_logits = grad_router_logits.index_select(1, rows.row_token)
         grad_router_weight = grad_router_input = None
         if needs_router_weight:
-            grad_router_weight = (grad_router_logits @ router_input.float()).to(router_weight.dtype)
+            if router_input is None:  # the router read x, kept as its sorted rows
+                gather_in = order if rows is None else rows.token_row.index_select(0, order)
+                grad_router_weight = grad_router_logits.index_select(1, gather_in) @ sorted_input.float()
+            else:
+                grad_router_weight = grad_router_logits @ router_input.float()
+            grad_router_weight = grad_router_weight.to(router_weight.dtype)
         through_router = ctx.router_input_is_x and needs_x
-        if through_router and x.dtype == router_weight.dtype == torch.float32:
+        if through_router and sorted_input.dtype == router_weight.dtype == torch.float32:
             grad_x.addmm_(grad_router_logits.t(), router_weight)
         elif needs_router_input or through_router:
-            grad_router_input = (grad_router_logits.t() @ router_weight.float()).to(router_input.dtype)
+            grad_router_input = (grad_router_logits.t() @ router_weight.float()).to(sorted_input.dtype)
             if through_router:
                 grad_x, grad_router_input = grad_x + grad_router_input, None
         return grad_x, grad_router_input, grad_router_weight, grad_weight, grad_bias, None, None, None, None, None

@@ -123,6 +123,33 @@ def rows_multiplied(monkeypatch):
     return rows
 
 
+def routed_experts_node(out: torch.Tensor):
+    """The `RoutedExperts` autograd node behind a routed linear's output."""
+    nodes = [out.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if type(node).__name__ == "RoutedExpertsBackward":
+            return node
+        nodes.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    raise AssertionError("no RoutedExperts node")
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.3])
+@pytest.mark.parametrize("in_features,out_features", [(48, 32), (32, 48)])
+def test_backward_keeps_the_input_once(in_features, out_features, jitter):
+    """With the probability on the output side (a down projection) backward reads x only through its
+    sorted rows and the router's input: x itself, the MLP's widest activation there, is not kept as
+    well. On the input side it reads x for the probability's gradient."""
+    layer = make_layer("grouped_mm", in_features=in_features, out_features=out_features, capacity_factor=None,
+                       router_jitter_noise=jitter)
+    x = torch.randn(50, in_features, requires_grad=True)
+    saved = [t for t in routed_experts_node(layer(x)).saved_tensors if t is not None]
+    keeps_x = any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert keeps_x == (in_features < out_features)
+    kept_inputs = {t.data_ptr() for t in saved if t.shape == x.shape}  # sorted rows, x, the jittered x
+    assert len(kept_inputs) == 1 + keeps_x + (jitter > 0)
+
+
 def test_grouped_dispatch_multiplies_only_kept_tokens_and_one_spare_row(rows_multiplied):
     """Dropped tokens and padding stay out of every grouped_mm (forward, input and weight gradients)."""
     layer = make_layer("grouped_mm", capacity_factor=0.5)
