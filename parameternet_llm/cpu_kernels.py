@@ -1,6 +1,6 @@
 """Compiled CPU kernels: the expert-parallel grouped product (`csrc/grouped_mm.cpp`).
 
-Built on first use with torch's C++ extension loader (a C++ compiler and ninja; about a minute) and
+Built on first use with torch's C++ extension loader (a C++ compiler and ninja; 15-20 s on two cores) and
 cached by it (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Where they cannot be built,
 or with `PARAMETERNET_LLM_CPU_KERNELS=0`, the models run torch's own `grouped_mm` instead.
 """
@@ -27,7 +27,7 @@ def load() -> bool:
         return False
     from torch.utils.cpp_extension import load as load_extension
 
-    logger.info("Loading the CPU kernels (built on first use, about a minute): %s", SOURCE)
+    logger.info("Loading the CPU kernels (built on first use, 15-20 s on two cores): %s", SOURCE)
     try:
         load_extension("parameternet_llm_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], is_python_module=False)
