@@ -282,7 +282,7 @@ class RoutedExperts(torch.autograd.Function):
         x_rows_sorted = ctx.router_input_is_x and not ctx.scale_input
         ctx.save_for_backward(x if ctx.scale_input else None, None if x_rows_sorted else router_input, router_weight,
                               weight, bias, sorted_input, product, scale, scale_sorted, probs, expert, keep, order,
-                              offsets, scatter_in, scatter_out)
+                              offsets, gather_in if x_rows_sorted else None, scatter_in, scatter_out)
         ctx.mark_non_differentiable(expert, keep, order, inverse)
         ctx.set_materialize_grads(False)  # unused outputs bring None, not zeros
         out = out_sorted if gather_out is None else out_sorted.index_select(0, gather_out)
@@ -291,7 +291,7 @@ class RoutedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_logits, grad_probs, *_not_differentiable):
         (x, router_input, router_weight, weight, bias, sorted_input, product, scale, scale_sorted, probs, expert, keep,
-         order, offsets, scatter_in, scatter_out) = ctx.saved_tensors
+         order, offsets, gather_in, scatter_in, scatter_out) = ctx.saved_tensors
         rows = ctx.rows
         needs_x, needs_router_input, needs_router_weight, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         grad_x = grad_weight = grad_bias = None
@@ -328,8 +328,7 @@ class RoutedExperts(torch.autograd.Function):
             grad_router_logits = grad_router_logits.index_select(1, rows.row_token)
         grad_router_weight = grad_router_input = None
         if needs_router_weight:
-            if router_input is None:  # the router read x, kept as its sorted rows
-                gather_in = order if rows is None else rows.token_row.index_select(0, order)
+            if router_input is None:  # the router read x, kept as its sorted rows (x's row of each: gather_in)
                 grad_router_weight = grad_router_logits.index_select(1, gather_in) @ sorted_input.float()
             else:
                 grad_router_weight = grad_router_logits @ router_input.float()
