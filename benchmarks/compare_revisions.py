@@ -2,12 +2,14 @@
 
     python benchmarks/compare_revisions.py REV                 # training step, cpu-small, batch 8 x 256
     python benchmarks/compare_revisions.py REV --part mlp --shift 0.3
+    python benchmarks/compare_revisions.py REV --part decode     # batch-1 greedy generate, 128 new tokens
 
 The revision's model files are loaded from git into a temporary package, so the two dispatches run
 interleaved on the same machine state with the same weights: paired ratios of a few percent hold
 here where separate `bench` runs drift by more. `--part mlp` times one MLP forward + backward on
 2048 tokens whose hidden states share a random offset of size `--shift` (0: balanced routing, no
-dropped tokens; 0.3: about 10-15% dropped at capacity 1.25). Ends with one JSON line.
+dropped tokens; 0.3: about 10-15% dropped at capacity 1.25); `--part decode` times batch-1 greedy decoding as
+`parameternet-llm bench decode` does. Ends with one JSON line.
 """
 
 import argparse
@@ -24,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from parameternet_llm import modeling_parameternet_llama
 from parameternet_llm.bench import (
     device_and_dtype,
+    greedy_decode,
     interleaved_times,
     medians,
     paired_ratio,
@@ -52,15 +55,28 @@ def load_revision(revision: str, directory: Path):
     return importlib.import_module("revision_model.modeling_parameternet_llama")
 
 
-def model_steps(old, device, dtype, batch_size=8, seq_len=256):
+def twin_and_revision_models(old, device, dtype, seq_len):
+    """Dense, this tree's ParameterNet and the revision's with the same weights (cpu-small, 8 experts on
+    gate+up+down), and the dense config."""
     dense_config, routed_config = twin_configs("cpu-small", 8, list(MOE_PROJECTIONS), "auto", seq_len)
     models = twin_models(dense_config, routed_config, device, dtype)
     models["this tree"] = models.pop("parameternet")
     with device:
         models["revision"] = old.ParameterNetLlamaForCausalLM(routed_config).to(dtype)
     models["revision"].load_state_dict(models["this tree"].state_dict())
+    return models, dense_config
+
+
+def model_steps(old, device, dtype, batch_size=8, seq_len=256):
+    models, dense_config = twin_and_revision_models(old, device, dtype, seq_len)
     ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
     return {name: training_step(model, ids) for name, model in models.items()}
+
+
+def decode_runs(old, device, dtype, prompt_len=32, new_tokens=128):
+    models, dense_config = twin_and_revision_models(old, device, dtype, prompt_len + new_tokens)
+    prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
+    return {name: greedy_decode(model, prompt, new_tokens) for name, model in models.items()}
 
 
 def mlp_steps(old, device, dtype, shift: float, tokens=2048):
@@ -92,7 +108,7 @@ def mlp_steps(old, device, dtype, shift: float, tokens=2048):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("revision", help="git revision to compare with, e.g. HEAD~1 or a commit id")
-    parser.add_argument("--part", choices=["model", "mlp"], default="model")
+    parser.add_argument("--part", choices=["model", "mlp", "decode"], default="model")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--shift", type=float, default=0.0, help="common offset of the MLP's input (--part mlp)")
     args = parser.parse_args()
@@ -100,10 +116,17 @@ def main() -> None:
     device, dtype = device_and_dtype()
     with tempfile.TemporaryDirectory() as directory:
         old = load_revision(args.revision, Path(directory))
-        steps = model_steps(old, device, dtype) if args.part == "model" else mlp_steps(old, device, dtype, args.shift)
+        if args.part == "model":
+            steps = model_steps(old, device, dtype)
+        elif args.part == "decode":
+            steps = decode_runs(old, device, dtype)
+        else:
+            steps = mlp_steps(old, device, dtype, args.shift)
         times = interleaved_times(steps, device, warmup=2, repeats=args.rounds)
     seconds = medians(times)
-    print(f"{args.part} forward + backward{' + AdamW' if args.part == 'model' else ''}, {args.rounds} rounds, {dtype}")
+    timed = {"model": "training step (forward, backward, AdamW)", "mlp": "mlp forward + backward",
+             "decode": "batch-1 greedy decode, prompt 32, 128 new tokens"}[args.part]
+    print(f"{timed}, {args.rounds} rounds, {dtype}")
     print("| what | median | paired vs dense |")
     print("|---|---|---|")
     for name, value in seconds.items():

@@ -143,6 +143,18 @@ def training_step(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], Non
     return step
 
 
+def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:
+    """Batch-1 greedy `generate` of exactly `new_tokens` tokens after `prompt` [1, length], in eval mode."""
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
+
+    return run
+
+
 def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 256, num_experts: int = 8,
                 projections: tuple[str, ...] = MOE_PROJECTIONS, backend: str = "auto",
                 warmup: int = 2, repeats: int = 6) -> dict:
@@ -177,18 +189,7 @@ def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int
     dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend,
                                                prompt_len + new_tokens)
     prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
-
-    def greedy_decode(model):
-        model.eval()
-
-        def run():
-            with torch.no_grad():
-                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               pad_token_id=0)
-
-        return run
-
-    runs = {name: greedy_decode(model)
+    runs = {name: greedy_decode(model, prompt, new_tokens)
             for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
     times = interleaved_times(runs, device, warmup, repeats)
     seconds = medians(times)

@@ -78,7 +78,8 @@ class Routing:
 
     @cached_property
     def summary(self):
-        """`routing_summary`, computed once on first use."""
+        """`routing_summary`, computed once on first use (or given with the routing by the few-token CPU
+        kernel)."""
         return routing_summary(self.logits, self.probs, self.expert, self.valid, self.keep)
 
     @property
@@ -100,7 +101,10 @@ class Routing:
 
 
 def stacked_summary(routings: list[Routing]):
-    """`routing_summary` of several routed linears of one forward (same tokens) in one pass."""
+    """`routing_summary` of several routed linears of one forward (same tokens) in one pass, or stacked from
+    their own summaries where each has one already (the few-token CPU kernel gives it with the routing)."""
+    if all("summary" in vars(routing) for routing in routings):
+        return tuple(torch.stack(parts) for parts in zip(*(routing.summary for routing in routings)))
     return routing_summary(
         torch.stack([r.logits for r in routings]),
         torch.stack([r.probs for r in routings]),
@@ -154,21 +158,21 @@ def loop_experts(x, weight, bias, expert, scale):
 
 
 @cache
-def compiled_cpu_grouped_mm():
-    """The parameternet_llm package's compiled, expert-parallel CPU `grouped_mm`, or None: the package is
-    not installed (a checkpoint's copy of this file runs without it), or its kernels are switched off or
-    could not be built."""
+def compiled_cpu_kernels():
+    """The parameternet_llm package's compiled CPU kernels (its `cpu_kernels` module), or None: the package
+    is not installed (a checkpoint's copy of this file runs without it), or its kernels are switched off
+    or could not be built."""
     try:
         from parameternet_llm import cpu_kernels
     except ImportError:
         return None
-    return cpu_kernels.grouped_mm if cpu_kernels.load() else None
+    return cpu_kernels if cpu_kernels.load() else None
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`F.grouped_mm`, or on the CPU its compiled expert-parallel twin where there is one."""
-    if a.device.type == "cpu" and (compiled := compiled_cpu_grouped_mm()) is not None:
-        return compiled(a, b, offs)
+    if a.device.type == "cpu" and (kernels := compiled_cpu_kernels()) is not None:
+        return kernels.grouped_mm(a, b, offs)
     return F.grouped_mm(a, b, offs=offs)
 
 
@@ -447,6 +451,12 @@ class RoutedLinear(nn.Module):
         backend = self.expert_backend(x)
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
+        elif backend == "gathered" and (kernels := self.few_token_kernels(x)) is not None:
+            out, logits, probs, expert, *summary = kernels.routed_few_tokens(
+                x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
+            )
+            self.routing = Routing(logits, probs, expert, valid, valid)
+            self.routing.summary = tuple(summary)
         else:
             logits, probs, scale, expert, keep, _, _ = route(
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
@@ -466,6 +476,17 @@ class RoutedLinear(nn.Module):
         )
         self.routing = Routing(logits, probs, expert, valid, keep)
         return out, RowOrder(order, inverse)
+
+    def few_token_kernels(self, x: torch.Tensor):
+        """The compiled CPU kernels where they may run this forward whole (router and experts in one call):
+        on the CPU, without gradients, and where capacity drops no token (dropless, or no more tokens than
+        `min_capacity`, below which the capacity never falls). Else None."""
+        capacity_factor = self.active_capacity_factor()
+        if x.device.type != "cpu" or torch.is_grad_enabled():
+            return None
+        if capacity_factor is not None and x.shape[0] > self.min_capacity:
+            return None
+        return compiled_cpu_kernels()
 
     def router_input(self, x: torch.Tensor) -> torch.Tensor:
         """x, jittered in training when `router_jitter_noise` > 0 (the experts see x unchanged)."""

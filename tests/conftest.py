@@ -58,13 +58,13 @@ def strict_grouped_mm(monkeypatch):
 
 
 @pytest.fixture(params=["compiled", "torch"])
-def cpu_grouped_mm(request, monkeypatch):
-    """Each CPU grouped product in turn: the package's compiled kernel (which must have been built), then
-    torch's `grouped_mm`, as where the kernels are switched off or cannot be built."""
+def cpu_kernels_on_and_off(request, monkeypatch):
+    """Each CPU dispatch in turn: with the package's compiled kernels (which must have been built), then with
+    torch's `grouped_mm` and tensor ops, as where the kernels are switched off or cannot be built."""
     if request.param == "compiled":
-        assert modeling_parameternet_llama.compiled_cpu_grouped_mm() is not None, "the CPU kernels did not build"
+        assert modeling_parameternet_llama.compiled_cpu_kernels() is not None, "the CPU kernels did not build"
     else:
-        monkeypatch.setattr(modeling_parameternet_llama, "compiled_cpu_grouped_mm", lambda: None)
+        monkeypatch.setattr(modeling_parameternet_llama, "compiled_cpu_kernels", lambda: None)
     return request.param
 
 

@@ -73,6 +73,31 @@ def test_generate_with_kv_cache_matches_full_recompute():
     assert torch.equal(cached, uncached)
 
 
+def test_decoding_steps_match_without_the_compiled_kernels(monkeypatch):
+    """Cached decoding steps (few tokens, no gradients: the compiled few-token path on a CPU) give the
+    logits, and the last step the losses and routing statistics, of the tensor-op path."""
+    from parameternet_llm import modeling_parameternet_llama
+
+    assert modeling_parameternet_llama.compiled_cpu_kernels() is not None, "the CPU kernels did not build"
+    model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=ALL_PROJECTIONS)).eval()
+    prompt = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 6))
+
+    def decode():
+        out = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        return out, model.router_losses(), model.routing_stats()
+
+    compiled = decode()
+    monkeypatch.setattr(modeling_parameternet_llama, "compiled_cpu_kernels", lambda: None)
+    eager = decode()
+    assert torch.equal(compiled[0].sequences, eager[0].sequences)
+    torch.testing.assert_close(compiled[0].logits, eager[0].logits)
+    torch.testing.assert_close(compiled[1], eager[1])
+    assert compiled[2].keys() == eager[2].keys()
+    for name, stats in compiled[2].items():
+        torch.testing.assert_close(stats, eager[2][name])
+
+
 @pytest.mark.parametrize("projections", [["up_proj"], ALL_PROJECTIONS])
 def test_eval_logits_do_not_depend_on_batch_or_padding(projections):
     model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=projections)).eval()
@@ -216,7 +241,7 @@ def test_parameters_are_named_as_documented():
     assert shapes["model.layers.0.mlp.up_proj.weight"] == (64, 32)
 
 
-@pytest.mark.usefixtures("cpu_grouped_mm", "strict_grouped_mm", "host_reads")
+@pytest.mark.usefixtures("cpu_kernels_on_and_off", "strict_grouped_mm", "host_reads")
 @pytest.mark.parametrize("projections", [ALL_PROJECTIONS, ["up_proj"], ["gate_proj"], ["down_proj"],
                                          ["gate_proj", "down_proj"], ["up_proj", "down_proj"], ["gate_proj", "up_proj"]])
 def test_mlp_in_sorted_row_order_matches_token_order_reference(projections):

@@ -77,7 +77,7 @@ def assert_fp32_close(got, want, msg=None):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * max(1.0, want.abs().max().item()), msg=msg)
 
 
-@pytest.mark.usefixtures("cpu_grouped_mm", "strict_grouped_mm")
+@pytest.mark.usefixtures("cpu_kernels_on_and_off", "strict_grouped_mm")
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 @pytest.mark.parametrize("in_features,out_features", [(32, 48), (48, 32)])  # probability on input / output side
@@ -328,12 +328,52 @@ def test_auto_backend_choice():
     assert unaligned(torch.randn(9, 6)).shape == (9, 10)
 
 
+@pytest.mark.usefixtures("cpu_kernels_on_and_off")
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_decoding_path_matches_the_reference(tokens):
     layer = make_layer("auto", capacity_factor=None, bias=True)
     x = torch.randn(tokens, 16)
+    mask = torch.arange(tokens) != 1  # the second token (where there is one) is padding
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), reference_forward(layer, x, torch.ones(tokens, dtype=torch.bool), None))
+        torch.testing.assert_close(layer(x, mask), reference_forward(layer, x, mask, None))
+    for got, want in zip(layer.routing.summary, modeling_parameternet_llama.routing_summary(
+            layer.routing.logits, layer.routing.probs, layer.routing.expert, mask, mask), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the compiled few-token kernel's calls (which must have been built)."""
+    kernels = modeling_parameternet_llama.compiled_cpu_kernels()
+    assert kernels is not None, "the CPU kernels did not build"
+    calls = []
+    run = kernels.routed_few_tokens
+    monkeypatch.setattr(kernels, "routed_few_tokens", lambda *operands: calls.append(1) or run(*operands))
+    return calls
+
+
+@pytest.mark.parametrize("capacity_factor,min_capacity,grad,compiled", [
+    (None, 1, False, True),  # dropless
+    (0.5, 3, False, True),   # capacity never below min_capacity = 3 tokens: none can drop
+    (0.5, 2, False, False),  # three tokens, capacity 2: one may drop
+    (None, 1, True, False),  # gradients: the kernel has no backward
+])
+def test_few_tokens_run_the_compiled_kernel_where_no_token_can_drop(kernel_calls, capacity_factor, min_capacity,
+                                                                     grad, compiled):
+    layer = make_layer("gathered", capacity_factor=capacity_factor, min_capacity=min_capacity).eval()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4, 16))
+    x = torch.zeros(3, 16)
+    x[:, 0] = 1.0  # all three tokens choose expert 0
+    x.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+    assert len(kernel_calls) == int(compiled)
+    want = reference_forward(layer, x.detach(), torch.ones(3, dtype=torch.bool), capacity_factor)
+    torch.testing.assert_close(got, want)
+    if grad:
+        got.sum().backward()
+        assert x.grad is not None and layer.weight.grad is not None
 
 
 @pytest.mark.parametrize("on_views", [True, False])  # the CPU default, and the batched gather used elsewhere
