@@ -452,11 +452,7 @@ class RoutedLinear(nn.Module):
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
         elif backend == "gathered" and (kernels := self.few_token_kernels(x)) is not None:
-            out, logits, probs, expert, *summary = kernels.routed_few_tokens(
-                x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
-            )
-            self.routing = Routing(logits, probs, expert, valid, valid)
-            self.routing.summary = tuple(summary)
+            out = self.few_token_forward(x, valid, kernels)
         else:
             logits, probs, scale, expert, keep, _, _ = route(
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
@@ -487,6 +483,16 @@ class RoutedLinear(nn.Module):
         if capacity_factor is not None and x.shape[0] > self.min_capacity:
             return None
         return compiled_cpu_kernels()
+
+    def few_token_forward(self, x: torch.Tensor, valid: torch.Tensor, kernels) -> torch.Tensor:
+        """[T, in] rows through the compiled few-token kernel (where `few_token_kernels` gives it), the routing
+        and its summary recorded."""
+        out, logits, probs, expert, *summary = kernels.routed_few_tokens(
+            x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
+        )
+        self.routing = Routing(logits, probs, expert, valid, valid)
+        self.routing.summary = tuple(summary)
+        return out
 
     def router_input(self, x: torch.Tensor) -> torch.Tensor:
         """x, jittered in training when `router_jitter_noise` > 0 (the experts see x unchanged)."""
@@ -537,9 +543,12 @@ class ParameterNetLlamaMLP(nn.Module):
             setattr(self, name, projection)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def project(self, name: str, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def project(self, name: str, rows: torch.Tensor, valid: torch.Tensor, kernels=None) -> torch.Tensor:
+        """[T, in] rows through one projection; routed ones through the few-token kernel if given."""
         projection = getattr(self, name)
-        return projection(rows, valid) if name in self.routed_projections else projection(rows)
+        if name not in self.routed_projections:
+            return projection(rows)
+        return projection(rows, valid) if kernels is None else projection.few_token_forward(rows, valid, kernels)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` [batch, seq]: 1 for tokens to route, 0 for padding."""
@@ -547,9 +556,19 @@ class ParameterNetLlamaMLP(nn.Module):
         valid = token_mask(attention_mask, rows)  # once for all routed projections
         lead = self.sorted_lead(rows)
         if lead is None:
-            hidden = self.act_fn(self.project("gate_proj", rows, valid)) * self.project("up_proj", rows, valid)
-            return self.project("down_proj", hidden, valid).reshape(x.shape)
+            kernels = self.few_token_kernels(rows)
+            gate, up = (self.project(name, rows, valid, kernels) for name in ("gate_proj", "up_proj"))
+            return self.project("down_proj", self.act_fn(gate) * up, valid, kernels).reshape(x.shape)
         return self.sorted_forward(rows, valid, lead).reshape(x.shape)
+
+    def few_token_kernels(self, rows: torch.Tensor):
+        """The compiled CPU kernels where every routed projection runs these rows through them (decoding on a
+        CPU): called directly, the projections skip their module call's overhead. Else None."""
+        routed = [getattr(self, name) for name in self.routed_projections]
+        if any(linear.expert_backend(rows) != "gathered" or linear.few_token_kernels(rows) is None
+               for linear in routed):
+            return None
+        return compiled_cpu_kernels()
 
     def sorted_lead(self, rows: torch.Tensor) -> str | None:
         """The routed gate or up projection whose expert-sorted row order the MLP can run in: every

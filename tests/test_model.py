@@ -73,13 +73,14 @@ def test_generate_with_kv_cache_matches_full_recompute():
     assert torch.equal(cached, uncached)
 
 
-def test_decoding_steps_match_without_the_compiled_kernels(monkeypatch):
+@pytest.mark.parametrize("projections", [["up_proj"], ALL_PROJECTIONS])
+def test_decoding_steps_match_without_the_compiled_kernels(monkeypatch, projections):
     """Cached decoding steps (few tokens, no gradients: the compiled few-token path on a CPU) give the
     logits, and the last step the losses and routing statistics, of the tensor-op path."""
     from parameternet_llm import modeling_parameternet_llama
 
     assert modeling_parameternet_llama.compiled_cpu_kernels() is not None, "the CPU kernels did not build"
-    model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=ALL_PROJECTIONS)).eval()
+    model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=projections)).eval()
     prompt = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 6))
 
     def decode():
