@@ -43,13 +43,33 @@ void check_operands(const at::Tensor& x, const at::Tensor& router_input, const a
   TORCH_CHECK(!bias || bias->device().is_cpu(), "routed_few_tokens: CPU tensors only, got a bias on ", bias->device());
 }
 
-// A float32 scale rounded to x's dtype, as the model's router hands it to the experts.
-double in_dtype_of(const at::Tensor& x, float scale) {
-  double rounded = scale;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "routed_few_tokens", [&] {
-    rounded = static_cast<double>(static_cast<scalar_t>(scale));
+// sum_i a[i] b[i] over eight interleaved partial sums, which the compiler can keep in one vector register.
+float dot(const float* a, const float* b, int64_t length) {
+  constexpr int64_t lanes = 8;
+  float partial[lanes] = {};
+  int64_t i = 0;
+  for (; i + lanes <= length; i += lanes) {
+    for (int64_t lane = 0; lane < lanes; ++lane) partial[lane] += a[i + lane] * b[i + lane];
+  }
+  float sum = 0.f;
+  for (int64_t lane = 0; lane < lanes; ++lane) sum += partial[lane];
+  for (; i < length; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// out[t] *= scale, the float32 scale first rounded to out's dtype, as the model's router hands it over.
+void scale_row(const at::Tensor& out, int64_t t, float scale) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "routed_few_tokens", [&] {
+    const auto factor = static_cast<scalar_t>(scale);
+    scalar_t* row = out.data_ptr<scalar_t>() + t * out.size(1);
+    for (int64_t j = 0; j < out.size(1); ++j) row[j] = row[j] * factor;
   });
-  return rounded;
+}
+
+at::Tensor float_scalar(float value, const at::TensorOptions& options) {
+  auto scalar = at::empty({}, options);
+  *scalar.data_ptr<float>() = value;
+  return scalar;
 }
 
 Result routed_few_tokens(const at::Tensor& x, const at::Tensor& router_input, const at::Tensor& router_weight,
@@ -66,17 +86,16 @@ Result routed_few_tokens(const at::Tensor& x, const at::Tensor& router_input, co
   auto logit = logits.accessor<float, 2>(), prob = probs.accessor<float, 2>();
   auto chosen = expert.accessor<int64_t, 1>();
   const auto is_valid = valid.accessor<bool, 1>();
-  auto load = at::zeros({experts}, float_options);
+  auto load = at::empty({experts}, float_options);
   float* tokens_of = load.data_ptr<float>();
+  std::fill(tokens_of, tokens_of + experts, 0.f);
   std::vector<float> prob_sum(experts, 0.f);
   float num_valid = 0.f, z_sum = 0.f;
   for (int64_t t = 0; t < tokens; ++t) {
     int64_t top = 0;
     for (int64_t e = 0; e < experts; ++e) {
-      float dot = 0.f;
-      for (int64_t i = 0; i < width; ++i) dot += router_row[e * width + i] * input_row[t * width + i];
-      logit[e][t] = dot;
-      top = dot > logit[top][t] ? e : top;
+      logit[e][t] = dot(router_row + e * width, input_row + t * width, width);
+      top = logit[e][t] > logit[top][t] ? e : top;
     }
     float total = 0.f;
     for (int64_t e = 0; e < experts; ++e) total += prob[e][t] = std::exp(logit[e][t] - logit[top][t]);
@@ -85,7 +104,7 @@ Result routed_few_tokens(const at::Tensor& x, const at::Tensor& router_input, co
     auto row = out.slice(0, t, t + 1);
     const auto expert_bias = bias ? std::optional<at::Tensor>((*bias)[top]) : std::nullopt;
     at::linear_out(row, x.slice(0, t, t + 1), weight[top], expert_bias);
-    row.mul_(is_valid[t] ? in_dtype_of(x, prob[top][t]) : 0.0);
+    scale_row(out, t, is_valid[t] ? prob[top][t] : 0.f);
     if (is_valid[t]) {
       num_valid += 1.f;
       tokens_of[top] += 1.f;
@@ -100,8 +119,8 @@ Result routed_few_tokens(const at::Tensor& x, const at::Tensor& router_input, co
     tokens_of[e] /= num_valid;
     aux += tokens_of[e] * prob_sum[e] / num_valid;
   }
-  return {out, logits, probs, expert, at::scalar_tensor(experts * aux, float_options),
-          at::scalar_tensor(z_sum / num_valid, float_options), load, at::zeros({}, float_options)};
+  return {out, logits, probs, expert, float_scalar(experts * aux, float_options),
+          float_scalar(z_sum / num_valid, float_options), load, float_scalar(0.f, float_options)};
 }
 
 // The results' shapes alone, for tracing (fake tensors, torch.compile).
