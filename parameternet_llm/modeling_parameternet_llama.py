@@ -485,8 +485,7 @@ class RoutedLinear(nn.Module):
         return compiled_cpu_kernels()
 
     def few_token_forward(self, x: torch.Tensor, valid: torch.Tensor, kernels) -> torch.Tensor:
-        """[T, in] rows through the compiled few-token kernel (where `few_token_kernels` gives it), the routing
-        and its summary recorded."""
+        """[T, in] rows through the compiled few-token kernel, the routing and its summary recorded."""
         out, logits, probs, expert, *summary = kernels.routed_few_tokens(
             x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
         )
@@ -543,12 +542,9 @@ class ParameterNetLlamaMLP(nn.Module):
             setattr(self, name, projection)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def project(self, name: str, rows: torch.Tensor, valid: torch.Tensor, kernels=None) -> torch.Tensor:
-        """[T, in] rows through one projection; routed ones through the few-token kernel if given."""
+    def project(self, name: str, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         projection = getattr(self, name)
-        if name not in self.routed_projections:
-            return projection(rows)
-        return projection(rows, valid) if kernels is None else projection.few_token_forward(rows, valid, kernels)
+        return projection(rows, valid) if name in self.routed_projections else projection(rows)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask` [batch, seq]: 1 for tokens to route, 0 for padding."""
@@ -556,19 +552,9 @@ class ParameterNetLlamaMLP(nn.Module):
         valid = token_mask(attention_mask, rows)  # once for all routed projections
         lead = self.sorted_lead(rows)
         if lead is None:
-            kernels = self.few_token_kernels(rows)
-            gate, up = (self.project(name, rows, valid, kernels) for name in ("gate_proj", "up_proj"))
-            return self.project("down_proj", self.act_fn(gate) * up, valid, kernels).reshape(x.shape)
+            hidden = self.act_fn(self.project("gate_proj", rows, valid)) * self.project("up_proj", rows, valid)
+            return self.project("down_proj", hidden, valid).reshape(x.shape)
         return self.sorted_forward(rows, valid, lead).reshape(x.shape)
-
-    def few_token_kernels(self, rows: torch.Tensor):
-        """The compiled CPU kernels where every routed projection runs these rows through them (decoding on a
-        CPU): called directly, the projections skip their module call's overhead. Else None."""
-        routed = [getattr(self, name) for name in self.routed_projections]
-        if any(linear.expert_backend(rows) != "gathered" or linear.few_token_kernels(rows) is None
-               for linear in routed):
-            return None
-        return compiled_cpu_kernels()
 
     def sorted_lead(self, rows: torch.Tensor) -> str | None:
         """The routed gate or up projection whose expert-sorted row order the MLP can run in: every
