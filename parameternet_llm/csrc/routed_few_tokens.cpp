@@ -1,7 +1,7 @@
 // A routed linear on a few tokens (decoding) in one call: the float32 router, each token's top-1
 // expert and probability, its product with that expert's matrix alone, read in place, and the routing's
 // losses and load. In eager decoding each tensor op costs microseconds of dispatch against a product of
-// a few; this keeps the routed linear near the cost of one dense product. Follows the model's routing
+// a few; this is one call where the model's tensor ops are about eight. Follows the model's routing
 // rules for dropless routing (every valid token kept): logits = router_weight x (summed in another
 // order than the model's router product), probabilities their softmax, y = p (W_e x + b_e), 0 for
 // padding; over the valid tokens, the Switch load-balancing loss E sum_e f_e P_e, the z-loss
