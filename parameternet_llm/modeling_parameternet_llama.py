@@ -452,7 +452,11 @@ class RoutedLinear(nn.Module):
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
         elif backend == "gathered" and (kernels := self.few_token_kernels(x)) is not None:
-            out = self.few_token_forward(x, valid, kernels)
+            out, logits, probs, expert, *summary = kernels.routed_few_tokens(
+                x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
+            )
+            self.routing = Routing(logits, probs, expert, valid, valid)
+            self.routing.summary = tuple(summary)
         else:
             logits, probs, scale, expert, keep, _, _ = route(
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
@@ -477,21 +481,11 @@ class RoutedLinear(nn.Module):
         """The compiled CPU kernels where they may run this forward whole (router and experts in one call):
         on the CPU, without gradients, and where capacity drops no token (dropless, or no more tokens than
         `min_capacity`, below which the capacity never falls). Else None."""
-        capacity_factor = self.active_capacity_factor()
         if x.device.type != "cpu" or torch.is_grad_enabled():
             return None
-        if capacity_factor is not None and x.shape[0] > self.min_capacity:
+        if self.active_capacity_factor() is not None and x.shape[0] > self.min_capacity:
             return None
         return compiled_cpu_kernels()
-
-    def few_token_forward(self, x: torch.Tensor, valid: torch.Tensor, kernels) -> torch.Tensor:
-        """[T, in] rows through the compiled few-token kernel, the routing and its summary recorded."""
-        out, logits, probs, expert, *summary = kernels.routed_few_tokens(
-            x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
-        )
-        self.routing = Routing(logits, probs, expert, valid, valid)
-        self.routing.summary = tuple(summary)
-        return out
 
     def router_input(self, x: torch.Tensor) -> torch.Tensor:
         """x, jittered in training when `router_jitter_noise` > 0 (the experts see x unchanged)."""
