@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from . import cpu_kernels
 from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
-from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
+from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear, few_token_kernels
 from .presets import MODEL_SHAPES
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
@@ -26,9 +26,11 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def describe_device(device: torch.device) -> str:
-    """The device and torch; on a CPU also the threads and which grouped product the experts run."""
+    """The device and torch; on a GPU also whether decoding runs the Triton kernel, on a CPU the threads and
+    which grouped product the experts run."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        few_tokens = "Triton few-token kernel" if few_token_kernels(device) is not None else "few tokens by tensor ops"
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {few_tokens}"
     grouped_mm = "compiled grouped_mm" if cpu_kernels.load() else "torch's grouped_mm"
     return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, {grouped_mm}")

@@ -10,6 +10,7 @@ into every saved checkpoint and loaded with `trust_remote_code=True`; where the 
 is installed, it also uses the package's compiled CPU kernels.
 """
 
+import importlib
 from dataclasses import dataclass
 from functools import cache, cached_property, partial
 from typing import NamedTuple
@@ -158,15 +159,29 @@ def loop_experts(x, weight, bias, expert, scale):
 
 
 @cache
-def compiled_cpu_kernels():
-    """The parameternet_llm package's compiled CPU kernels (its `cpu_kernels` module), or None: the package
-    is not installed (a checkpoint's copy of this file runs without it), or its kernels are switched off
-    or could not be built."""
+def package_kernels(name: str):
+    """The parameternet_llm package's kernel module `name` ("cpu_kernels": compiled C++ for the CPU;
+    "triton_kernels": Triton for CUDA), or None: the package or what the module needs (a compiler, triton)
+    is not there (a checkpoint's copy of this file runs without the package), or the kernels are switched
+    off or do not run."""
     try:
-        from parameternet_llm import cpu_kernels
+        kernels = importlib.import_module(f"parameternet_llm.{name}")
     except ImportError:
         return None
-    return cpu_kernels if cpu_kernels.load() else None
+    return kernels if kernels.load() else None
+
+
+def compiled_cpu_kernels():
+    """The package's compiled CPU kernels (grouped product, few-token routed linear), or None."""
+    return package_kernels("cpu_kernels")
+
+
+def few_token_kernels(device: torch.device):
+    """The package's kernels whose `routed_few_tokens` runs a routed linear on a few tokens in one call on
+    `device`: the compiled CPU kernels, or the Triton kernels on CUDA; None where there are none."""
+    if device.type == "cpu":
+        return compiled_cpu_kernels()
+    return package_kernels("triton_kernels") if device.type == "cuda" else None
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -451,7 +466,7 @@ class RoutedLinear(nn.Module):
         backend = self.expert_backend(x)
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
-        elif backend == "gathered" and (kernels := self.few_token_kernels(x)) is not None:
+        elif backend == "gathered" and (kernels := self.whole_forward_kernels(x)) is not None:
             out, logits, probs, expert, *summary = kernels.routed_few_tokens(
                 x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
             )
@@ -477,15 +492,15 @@ class RoutedLinear(nn.Module):
         self.routing = Routing(logits, probs, expert, valid, keep)
         return out, RowOrder(order, inverse)
 
-    def few_token_kernels(self, x: torch.Tensor):
-        """The compiled CPU kernels where they may run this forward whole (router and experts in one call):
-        on the CPU, without gradients, and where capacity drops no token (dropless, or no more tokens than
+    def whole_forward_kernels(self, x: torch.Tensor):
+        """The `few_token_kernels` where they may run this forward whole (router and experts in one call):
+        without gradients, and where capacity drops no token (dropless, or no more tokens than
         `min_capacity`, below which the capacity never falls). Else None."""
-        if x.device.type != "cpu" or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return None
         if self.active_capacity_factor() is not None and x.shape[0] > self.min_capacity:
             return None
-        return compiled_cpu_kernels()
+        return few_token_kernels(x.device)
 
     def router_input(self, x: torch.Tensor) -> torch.Tensor:
         """x, jittered in training when `router_jitter_noise` > 0 (the experts see x unchanged)."""

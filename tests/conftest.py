@@ -4,8 +4,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's interpreter runs the Triton kernels on CPU tensors
 
 from parameternet_llm import ParameterNetLlamaConfig, modeling_parameternet_llama  # noqa: E402
 
@@ -26,6 +31,19 @@ TINY_SHAPE = dict(
 def tiny_config(**overrides) -> ParameterNetLlamaConfig:
     """A two-layer ParameterNet-LLaMA small enough for exact fp32 checks on a CPU."""
     return ParameterNetLlamaConfig(**{**TINY_SHAPE, **overrides})
+
+
+def few_token_operands(dtype, bias: bool, tokens: int, experts: int = 4, in_features: int = 16,
+                       out_features: int = 24):
+    """x (also the router input), router weight, expert weights, bias (or None) and valid for
+    `routed_few_tokens`: token t leans to expert t % experts, the second token is padding."""
+    router_weight = torch.randn(experts, in_features)
+    x = torch.randn(tokens, in_features) + 3 * router_weight[torch.arange(tokens) % experts]
+    valid = torch.ones(tokens, dtype=torch.bool)
+    valid[1:2] = False
+    weight = torch.randn(experts, out_features, in_features).to(dtype)
+    return (x.to(dtype), x.to(dtype), router_weight, weight,
+            torch.randn(experts, out_features).to(dtype) if bias else None, valid)
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +84,21 @@ def cpu_kernels_on_and_off(request, monkeypatch):
     else:
         monkeypatch.setattr(modeling_parameternet_llama, "compiled_cpu_kernels", lambda: None)
     return request.param
+
+
+@pytest.fixture(params=["cpu_kernels", "triton_kernels"])
+def few_token_kernel(request, monkeypatch):
+    """Each package kernel module whose `routed_few_tokens` runs a routed linear on a few tokens in one call,
+    made the one the model uses on the CPU: the compiled CPU kernel, then CUDA's Triton kernel under Triton's
+    interpreter (where there is a GPU, Triton compiles its kernels for it instead, and tests/test_cuda.py
+    checks them there). A test may ask for None: the model's tensor ops."""
+    if request.param == "triton_kernels" and torch.cuda.is_available():
+        pytest.skip("with a GPU, Triton kernels run compiled on CUDA tensors only (tests/test_cuda.py)")
+    kernels = request.param and importlib.import_module(f"parameternet_llm.{request.param}")
+    if kernels:
+        assert kernels.load(), f"parameternet_llm.{request.param} does not run here"
+    monkeypatch.setattr(modeling_parameternet_llama, "few_token_kernels", lambda device: kernels)
+    return kernels
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
-"""The compiled CPU kernels: the grouped product against per-group products and torch's grouped_mm, the
-few-token routed linear against the model's router, experts and losses; their build switch, fallback and
-errors."""
+"""The compiled CPU kernels: the grouped product against per-group products and torch's grouped_mm; both
+kernels traced with fake tensors; their build switch, fallback and errors. (tests/test_few_token_kernels.py
+checks the few-token routed linear.)"""
 
 import pytest
 import torch
 import torch.utils.cpp_extension
+from conftest import few_token_operands
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from parameternet_llm import cpu_kernels, modeling_parameternet_llama
@@ -35,7 +36,7 @@ def fresh_load(monkeypatch):
     """`load` and the model's lookup decide afresh in the test and again after it."""
     def clear():
         cpu_kernels.load.cache_clear()
-        modeling_parameternet_llama.compiled_cpu_kernels.cache_clear()
+        modeling_parameternet_llama.package_kernels.cache_clear()
     clear()
     yield
     monkeypatch.undo()
@@ -86,52 +87,6 @@ def test_traced_with_fake_tensors_to_the_real_shapes():
     assert reduction.shape == cpu_kernels.grouped_mm(a.t(), b_2d, offs).shape == (len(SIZES), 48, 40)
     for fake, real in zip(few_token_fakes, cpu_kernels.routed_few_tokens(*operands), strict=True):
         assert fake.shape == real.shape and fake.dtype == real.dtype
-
-
-def few_token_operands(dtype, bias: bool, tokens: int, experts: int = 4, in_features: int = 16, out_features: int = 24):
-    """x (also the router input), router weight, expert weights, bias (or None) and valid for
-    `routed_few_tokens`: token t leans to expert t % experts, the second token is padding."""
-    router_weight = torch.randn(experts, in_features)
-    x = torch.randn(tokens, in_features) + 3 * router_weight[torch.arange(tokens) % experts]
-    valid = torch.ones(tokens, dtype=torch.bool)
-    valid[1:2] = False
-    weight = torch.randn(experts, out_features, in_features).to(dtype)
-    return (x.to(dtype), x.to(dtype), router_weight, weight,
-            torch.randn(experts, out_features).to(dtype) if bias else None, valid)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_few_token_routed_linear_matches_the_models_router_experts_and_losses(dtype, bias, tokens):
-    x, router_input, router_weight, weight, bias_, valid = few_token_operands(dtype, bias, tokens)
-    out, logits, probs, expert, *summary = cpu_kernels.routed_few_tokens(
-        x, router_input, router_weight, weight, bias_, valid)
-    want_logits, want_probs, scale, want_expert, keep, _, _ = modeling_parameternet_llama.route(
-        router_weight, router_input, valid, None, 1, dtype, sort=False)
-    assert torch.equal(expert, want_expert) and len(set(expert.tolist())) == min(tokens, 4)
-    torch.testing.assert_close(logits, want_logits)
-    torch.testing.assert_close(probs, want_probs)
-    torch.testing.assert_close(out, modeling_parameternet_llama.gathered_experts(x, weight, bias_, expert, scale))
-    assert out.dtype == dtype and torch.all(out[~valid] == 0)
-    for got, want in zip(summary, modeling_parameternet_llama.routing_summary(
-            want_logits, want_probs, want_expert, valid, keep), strict=True):
-        torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("change,message", [
-    (lambda ops: {5: ops[5].float()}, "valid must be"),
-    (lambda ops: {3: ops[3].double()}, "dtype"),
-    (lambda ops: {2: ops[2][:3]}, "router_weight must be"),
-    (lambda ops: {4: ops[3][:, 0, :]}, "bias must be"),
-    (lambda ops: {1: ops[1][:2]}, "router_input"),
-])
-def test_few_token_bad_operands_are_refused_by_name(change, message):
-    operands = list(few_token_operands(torch.float32, bias=True, tokens=3))
-    for index, value in change(operands).items():
-        operands[index] = value
-    with pytest.raises(RuntimeError, match=message):
-        cpu_kernels.routed_few_tokens(*operands)
 
 
 @pytest.mark.parametrize("a_shape,b_shape,offs,message", [

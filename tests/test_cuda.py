@@ -1,13 +1,14 @@
-"""GPU paths: bf16 grouped_mm against the loop reference, no host synchronisation, a bf16 training step.
+"""GPU paths: bf16 grouped_mm against the loop reference, no host synchronisation, a bf16 training step, the
+compiled Triton few-token kernel against tensor ops.
 
 These need a CUDA device; without one they are reported as skipped with that reason.
 """
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import few_token_operands, tiny_config
 
-from parameternet_llm import ParameterNetLlamaForCausalLM, RoutedLinear
+from parameternet_llm import ParameterNetLlamaForCausalLM, RoutedLinear, modeling_parameternet_llama, triton_kernels
 from parameternet_llm.modeling_parameternet_llama import grouped_mm_supported
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -83,3 +84,47 @@ def test_bf16_training_step_and_generation():
     prompt = ids[:2, :5]
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_triton_few_token_kernel_matches_tensor_ops(tokens):
+    """The compiled Triton kernel on LLaMA-1B's up projection shape, bf16, against the model's router,
+    batched gather + bmm and losses."""
+    assert triton_kernels.load(), "the Triton kernel does not run on this GPU"
+    operands = [None if t is None else t.cuda() for t in few_token_operands(
+        torch.bfloat16, bias=True, tokens=tokens, experts=8, in_features=2048, out_features=5632)]
+    x, router_input, router_weight, weight, bias, valid = operands
+    out, logits, probs, expert, *summary = triton_kernels.routed_few_tokens(*operands)
+    want_logits, want_probs, scale, want_expert, keep, _, _ = modeling_parameternet_llama.route(
+        router_weight, router_input, valid, None, 1, torch.bfloat16, sort=False)
+    assert torch.equal(expert, want_expert)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(probs, want_probs, rtol=1e-4, atol=1e-4)
+    want = modeling_parameternet_llama.gathered_experts(x, weight, bias, expert, scale, on_views=False)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    for got, want_part in zip(summary, modeling_parameternet_llama.routing_summary(
+            want_logits, want_probs, want_expert, valid, keep), strict=True):
+        torch.testing.assert_close(got, want_part, rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_runs_the_triton_kernel_and_matches_tensor_ops(monkeypatch):
+    torch.manual_seed(0)
+    config = tiny_config(num_experts=8, moe_projections=["gate_proj", "up_proj", "down_proj"], hidden_size=128,
+                         intermediate_size=256)
+    model = ParameterNetLlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(3, 90, (1, 6), device="cuda")
+    calls = []
+    run = triton_kernels.routed_few_tokens
+    monkeypatch.setattr(triton_kernels, "routed_few_tokens", lambda *operands: calls.append(1) or run(*operands))
+
+    def decode():
+        return model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+
+    kernel = decode()
+    assert len(calls) == 3 * len(model.routed_linears())  # each step after the prompt's, each routed linear
+    monkeypatch.setattr(modeling_parameternet_llama, "few_token_kernels", lambda device: None)
+    tensor_ops = decode()
+    assert torch.equal(kernel.sequences, tensor_ops.sequences)
+    for got, want in zip(kernel.logits, tensor_ops.logits, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

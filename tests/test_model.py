@@ -74,14 +74,16 @@ def test_generate_with_kv_cache_matches_full_recompute():
 
 
 @pytest.mark.parametrize("projections", [["up_proj"], ALL_PROJECTIONS])
-def test_decoding_steps_match_without_the_compiled_kernels(monkeypatch, projections):
-    """Cached decoding steps (few tokens, no gradients: the compiled few-token path on a CPU) give the
-    logits, and the last step the losses and routing statistics, of the tensor-op path."""
+def test_decoding_steps_match_without_the_few_token_kernels(monkeypatch, few_token_kernel, projections):
+    """Cached decoding steps (few tokens, no gradients: one kernel call per routed linear) give the logits,
+    and the last step the losses and routing statistics, of the tensor-op path."""
     from parameternet_llm import modeling_parameternet_llama
 
-    assert modeling_parameternet_llama.compiled_cpu_kernels() is not None, "the CPU kernels did not build"
     model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=projections)).eval()
     prompt = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 6))
+    calls = []
+    monkeypatch.setattr(few_token_kernel, "routed_few_tokens", lambda *operands, run=few_token_kernel.routed_few_tokens:
+                        calls.append(1) or run(*operands))
 
     def decode():
         out = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
@@ -89,8 +91,11 @@ def test_decoding_steps_match_without_the_compiled_kernels(monkeypatch, projecti
         return out, model.router_losses(), model.routing_stats()
 
     compiled = decode()
-    monkeypatch.setattr(modeling_parameternet_llama, "compiled_cpu_kernels", lambda: None)
+    routed_linears_per_step = len(model.routed_linears())
+    assert len(calls) == 3 * routed_linears_per_step  # every decoding step after the prompt's
+    monkeypatch.setattr(modeling_parameternet_llama, "few_token_kernels", lambda device: None)
     eager = decode()
+    assert len(calls) == 3 * routed_linears_per_step
     assert torch.equal(compiled[0].sequences, eager[0].sequences)
     torch.testing.assert_close(compiled[0].logits, eager[0].logits)
     torch.testing.assert_close(compiled[1], eager[1])

@@ -328,9 +328,9 @@ def test_auto_backend_choice():
     assert unaligned(torch.randn(9, 6)).shape == (9, 10)
 
 
-@pytest.mark.usefixtures("cpu_kernels_on_and_off")
+@pytest.mark.parametrize("few_token_kernel", ["cpu_kernels", "triton_kernels", None], indirect=True)
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_decoding_path_matches_the_reference(tokens):
+def test_decoding_path_matches_the_reference(few_token_kernel, tokens):
     layer = make_layer("auto", capacity_factor=None, bias=True)
     x = torch.randn(tokens, 16)
     mask = torch.arange(tokens) != 1  # the second token (where there is one) is padding
