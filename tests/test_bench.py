@@ -72,15 +72,17 @@ def test_revision_comparison_runs_both_dispatches_with_the_same_weights():
     assert missing.returncode != 0 and "no-such-revision" in missing.stderr
 
 
-def test_op_breakdown_times_each_models_ops_in_one_process():
-    """benchmarks/op_breakdown.py attributes each model's step time to ops: only ParameterNet's routed
-    linears run the compiled CPU grouped_mm, and both models' other GEMMs run mm."""
+@pytest.mark.parametrize("timer,mm", [([], "mm"), (["--profiler"], "aten::mm")])
+def test_op_breakdown_times_each_models_ops_in_one_process(timer, mm):
+    """benchmarks/op_breakdown.py attributes each model's step time to ops, timed under a dispatch mode or by
+    torch.profiler (as on a GPU): only ParameterNet's routed linears run the compiled CPU grouped_mm, and
+    both models' other GEMMs run mm."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "op_breakdown.py"
     run = subprocess.run([sys.executable, str(script), "--batch-size", "1", "--seq-len", "8", "--rounds", "1",
-                          "--top", "1000"], capture_output=True, text=True, cwd=script.parent)
+                          "--top", "1000", *timer], capture_output=True, text=True, cwd=script.parent)
     assert run.returncode == 0, run.stderr
     record = last_json_line(run.stdout)
     dense_grouped, routed_grouped = record["ops"]["parameternet_llm::grouped_mm"]
     assert dense_grouped == 0 < routed_grouped
-    assert all(ms > 0 for ms in record["ops"]["mm"]) and all(ms > 0 for ms in record["ms_per_step"].values())
+    assert all(ms > 0 for ms in record["ops"][mm]) and all(ms > 0 for ms in record["ms_per_step"].values())
     assert "| parameternet_llm::grouped_mm | 0.00 (0) |" in run.stdout
