@@ -7,7 +7,7 @@ auxiliary losses follow Switch Transformer (Fedus et al. 2021).
 
 Self-contained (imports only torch, transformers and the configuration file) because it is copied
 into every saved checkpoint and loaded with `trust_remote_code=True`; where the parameternet_llm package
-is installed, it also uses the package's compiled CPU kernels.
+is installed, it also uses the package's kernels: compiled ones on the CPU, a Triton one on CUDA.
 """
 
 import importlib

@@ -154,7 +154,7 @@ def routed_few_tokens(x, router_input, router_weight, weight, bias, valid):
         out_features, NUM_EXPERTS=num_experts, EXPERTS=triton.next_power_of_2(num_experts),
         HAS_BIAS=bias is not None, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=BLOCK_IN,
     )
-    logits, probs = routing
+    logits, probs = routing.unbind()
     return out, logits, probs, expert, summary[0], summary[1], summary[3:], summary[2]
 
 

@@ -94,8 +94,8 @@ def few_token_kernel(request, monkeypatch):
     checks them there). A test may ask for None: the model's tensor ops."""
     if request.param == "triton_kernels" and torch.cuda.is_available():
         pytest.skip("with a GPU, Triton kernels run compiled on CUDA tensors only (tests/test_cuda.py)")
-    kernels = request.param and importlib.import_module(f"parameternet_llm.{request.param}")
-    if kernels:
+    kernels = None if request.param is None else importlib.import_module(f"parameternet_llm.{request.param}")
+    if kernels is not None:
         assert kernels.load(), f"parameternet_llm.{request.param} does not run here"
     monkeypatch.setattr(modeling_parameternet_llama, "few_token_kernels", lambda device: kernels)
     return kernels
