@@ -197,6 +197,20 @@ def host_reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def router_logits(router_weight: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+    """The router's float32 logits [E, T] for `router_input` [T, in]. On CUDA, half-precision weights and inputs
+    of one dtype multiply as they are into float32 where no gradient is taken through the product: products of
+    half-precision numbers are exact in float32 and cuBLAS sums them in float32, so the logits are the
+    float32 product's, without a float32 copy of the input. Elsewhere both are copied to float32."""
+    if (router_input.device.type == "cuda" and router_weight.dtype == router_input.dtype in HALF_PRECISION
+            and not (torch.is_grad_enabled() and (router_weight.requires_grad or router_input.requires_grad))):
+        return torch.mm(router_weight, router_input.t(), torch.float32)
+    return router_weight.float() @ router_input.float().t()
+
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def route(router_weight, router_input, valid, capacity_factor, min_capacity, dtype: torch.dtype, sort: bool,
           rows: RowOrder | None = None):
     """The router's decisions for every token: logits and probabilities [E, T] (float32); the scale [T]
@@ -204,7 +218,7 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
     tokens kept within capacity [T]; and, if sorted, `dispatch_order`'s rows and group ends (else None).
     Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
     num_experts = router_weight.shape[0]
-    logits = router_weight.float() @ router_input.float().t()
+    logits = router_logits(router_weight, router_input)
     if rows is not None:
         logits = logits.index_select(1, rows.token_row)
     probs = logits.softmax(dim=0)
@@ -214,6 +228,13 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
         keep = capacity_keep(expert, valid, capacity_factor, min_capacity, num_experts)
     sorted_rows, group_ends = dispatch_order(expert, keep, num_experts) if sort else (None, None)
     return logits, probs, (top_prob * keep).to(dtype), expert, keep, sorted_rows, group_ends
+
+
+def product_in(dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in `dtype`: multiplied in it where both operands have it, else in float32 copies and rounded."""
+    if a.dtype == b.dtype == dtype:
+        return a @ b
+    return (a.float() @ b.float()).to(dtype)
 
 
 class PermuteRows(torch.autograd.Function):
@@ -345,18 +366,23 @@ class RoutedExperts(torch.autograd.Function):
             grad_router_logits += grad_logits
         if rows is not None:
             grad_router_logits = grad_router_logits.index_select(1, rows.row_token)
+        # Where the router's weight has its input's dtype, float32 or bfloat16 (as in bf16 training, where its
+        # gradient is rounded to bfloat16 anyway), the router's gradients are products in that dtype: no float32
+        # copies of the input or of its gradient. float16's narrow range would lose small logit gradients.
+        if router_weight.dtype == sorted_input.dtype in (torch.float32, torch.bfloat16):
+            grad_router_logits = grad_router_logits.to(router_weight.dtype)
         grad_router_weight = grad_router_input = None
         if needs_router_weight:
             if router_input is None:  # the router read x, kept as its sorted rows (x's row of each: gather_in)
-                grad_router_weight = grad_router_logits.index_select(1, gather_in) @ sorted_input.float()
+                grad_router_weight = product_in(router_weight.dtype, grad_router_logits.index_select(1, gather_in),
+                                                sorted_input)
             else:
-                grad_router_weight = grad_router_logits @ router_input.float()
-            grad_router_weight = grad_router_weight.to(router_weight.dtype)
+                grad_router_weight = product_in(router_weight.dtype, grad_router_logits, router_input)
         through_router = ctx.router_input_is_x and needs_x
-        if through_router and sorted_input.dtype == router_weight.dtype == torch.float32:
+        if through_router and grad_router_logits.dtype == router_weight.dtype == grad_x.dtype:
             grad_x.addmm_(grad_router_logits.t(), router_weight)
         elif needs_router_input or through_router:
-            grad_router_input = (grad_router_logits.t() @ router_weight.float()).to(sorted_input.dtype)
+            grad_router_input = product_in(sorted_input.dtype, grad_router_logits.t(), router_weight)
             if through_router:
                 grad_x, grad_router_input = grad_x + grad_router_input, None
         return grad_x, grad_router_input, grad_router_weight, grad_weight, grad_bias, None, None, None, None, None

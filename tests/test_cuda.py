@@ -128,3 +128,20 @@ def test_decoding_runs_the_triton_kernel_and_matches_tensor_ops(monkeypatch):
     assert torch.equal(kernel.sequences, tensor_ops.sequences)
     for got, want in zip(kernel.logits, tensor_ops.logits, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_half_precision_router_logits_are_the_float32_products():
+    """bf16 router weights and inputs multiply into float32 as they are (no float32 copy of the input) where no
+    gradient is taken through the product, and give the float32 product's logits; with gradients they are
+    copied to float32, as autograd needs."""
+    router_weight = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16)
+    want = router_weight.float() @ x.float().t()
+    got = modeling_parameternet_llama.router_logits(router_weight, x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+    router_weight.requires_grad_()
+    with_grad = modeling_parameternet_llama.router_logits(router_weight, x)
+    torch.testing.assert_close(with_grad, want, rtol=1e-5, atol=1e-3)
+    with_grad.sum().backward()
+    assert router_weight.grad is not None
