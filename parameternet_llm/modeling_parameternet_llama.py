@@ -392,11 +392,11 @@ def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = Non
     """Few tokens (decoding): each token through its expert's matrix alone, as dense reads one matrix.
 
     By default where reading the expert ids is free (`host_reads_are_free`), each token's product runs
-    on a view of its matrix (`on_views`); elsewhere the chosen matrices are gathered for one batched
-    matrix-vector product, without a host sync.
+    on a view of its matrix (`on_views`); elsewhere, and under torch.compile (whose graph a read would
+    break), the chosen matrices are gathered for one batched matrix-vector product, without a host sync.
     """
     if on_views is None:
-        on_views = host_reads_are_free(x.device)
+        on_views = host_reads_are_free(x.device) and not torch.compiler.is_compiling()
     if on_views:
         ids = expert.tolist()
         if len(set(ids)) == 1:  # one expert for all tokens, as always in batch-1 decoding
@@ -521,8 +521,9 @@ class RoutedLinear(nn.Module):
     def whole_forward_kernels(self, x: torch.Tensor):
         """The `few_token_kernels` where they may run this forward whole (router and experts in one call):
         without gradients, and where capacity drops no token (dropless, or no more tokens than
-        `min_capacity`, below which the capacity never falls). Else None."""
-        if torch.is_grad_enabled():
+        `min_capacity`, below which the capacity never falls). Else None; also under torch.compile, which
+        fuses the tensor ops itself (and would break its graph at the kernels' lookup)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         if self.active_capacity_factor() is not None and x.shape[0] > self.min_capacity:
             return None

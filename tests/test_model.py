@@ -280,3 +280,14 @@ def test_mlp_in_sorted_row_order_matches_token_order_reference(projections):
         torch.testing.assert_close(b.logits, a.logits)
         assert torch.equal(b.expert, a.expert) and torch.equal(b.keep, a.keep)
     assert any(not r.keep[r.valid].all() for r in routings_b)  # capacity dropped some tokens
+
+
+def test_decoding_step_compiles_into_one_graph():
+    """Under torch.compile a decoding step (few tokens, no gradients) runs the tensor ops with the batched
+    gather: no kernel lookup or host read of expert ids breaks its graph (fullgraph=True fails on any break),
+    and the compiled step's logits are the eager step's."""
+    model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=ALL_PROJECTIONS)).eval()
+    ids = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 1))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
