@@ -103,13 +103,13 @@ from triton.compiler import ASTSource
 from parameternet_llm import triton_kernels
 
 kernel = triton_kernels._routed_few_tokens_kernel
-for arch, dtype, bias in ((90, "bf16", False), (80, "fp32", True)):
+# sm_90 with one token (batch-1 decoding: Triton makes an integer argument of 1 a compile-time constant)
+for arch, dtype, bias, tokens in ((90, "bf16", False, 1), (80, "fp32", True, None)):
     pointers = dict(x=dtype, router_input=dtype, router_weight="fp32", weight=dtype, bias=dtype, valid="i1", out=dtype,
                     routing="fp32", expert="i64", summary="fp32")
-    integers = ("num_tokens", "in_features", "out_features")
     constants = dict(NUM_EXPERTS=6, EXPERTS=8, HAS_BIAS=bias, BLOCK_OUT=triton_kernels.BLOCK_OUT,
-                     BLOCK_IN=triton_kernels.BLOCK_IN)
-    signature = {name: "*" + pointers[name] if name in pointers else "i32" if name in integers else "constexpr"
+                     BLOCK_IN=triton_kernels.BLOCK_IN, **({"num_tokens": tokens} if tokens else {}))
+    signature = {name: "*" + pointers[name] if name in pointers else "constexpr" if name in constants else "i32"
                  for name in kernel.arg_names}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
