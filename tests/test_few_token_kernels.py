@@ -96,7 +96,6 @@ def test_triton_kernel_that_does_not_run_warns_and_falls_back_to_tensor_ops(monk
 
 
 COMPILE_FOR_GPUS = """
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -105,7 +104,7 @@ from parameternet_llm import triton_kernels
 kernel = triton_kernels._routed_few_tokens_kernel
 # sm_90 with one token (batch-1 decoding: Triton makes an integer argument of 1 a compile-time constant)
 for arch, dtype, bias, tokens in ((90, "bf16", False, 1), (80, "fp32", True, None)):
-    pointers = dict(x=dtype, router_input=dtype, router_weight="fp32", weight=dtype, bias=dtype, valid="i1", out=dtype,
+    pointers = dict(x=dtype, router_input=dtype, router_weight=dtype, weight=dtype, bias=dtype, valid="i1", out=dtype,
                     routing="fp32", expert="i64", summary="fp32")
     constants = dict(NUM_EXPERTS=6, EXPERTS=8, HAS_BIAS=bias, BLOCK_OUT=triton_kernels.BLOCK_OUT,
                      BLOCK_IN=triton_kernels.BLOCK_IN, **({"num_tokens": tokens} if tokens else {}))
