@@ -28,16 +28,16 @@ BLOCK_IN = 128
 
 
 @triton.jit
-def _router_logits(router_input, router_weight, token, in_features, NUM_EXPERTS: tl.constexpr,
+def _router_logits(router_input, router_weight, token, IN_FEATURES: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                    EXPERTS: tl.constexpr, BLOCK_IN: tl.constexpr):
     """One token's float32 router logits, [EXPERTS] (a power of two), -inf past NUM_EXPERTS."""
     experts = tl.arange(0, EXPERTS)
     partial = tl.zeros([EXPERTS, BLOCK_IN], dtype=tl.float32)
-    for start in range(0, in_features, BLOCK_IN):
+    for start in range(0, IN_FEATURES, BLOCK_IN):
         columns = start + tl.arange(0, BLOCK_IN)
-        inside = columns < in_features
-        x = tl.load(router_input + token * in_features + columns, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(router_weight + experts[:, None] * in_features + columns[None, :],
+        inside = columns < IN_FEATURES
+        x = tl.load(router_input + token * IN_FEATURES + columns, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(router_weight + experts[:, None] * IN_FEATURES + columns[None, :],
                     mask=(experts[:, None] < NUM_EXPERTS) & inside[None, :], other=0.0).to(tl.float32)
         partial += w * x[None, :]
     return tl.where(experts < NUM_EXPERTS, tl.sum(partial, axis=1), float("-inf"))
@@ -45,31 +45,32 @@ def _router_logits(router_input, router_weight, token, in_features, NUM_EXPERTS:
 
 @triton.jit
 def _routed_few_tokens_kernel(x, router_input, router_weight, weight, bias, valid, out, routing, expert, summary,
-                              num_tokens, in_features, out_features, NUM_EXPERTS: tl.constexpr,
-                              EXPERTS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_OUT: tl.constexpr,
-                              BLOCK_IN: tl.constexpr):
+                              out_features, NUM_TOKENS: tl.constexpr, IN_FEATURES: tl.constexpr,
+                              NUM_EXPERTS: tl.constexpr, EXPERTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr):
     """Program (t, b): token t's output rows [b * BLOCK_OUT, (b + 1) * BLOCK_OUT). Every program routes its
     token itself (a product of E x in, against the block's BLOCK_OUT x in), so no launch waits on
     another; the programs of block 0 write their token's routing, program (0, 0) the losses and load.
     `routing` holds the logits [E, T] and then the probabilities [E, T]; `summary`: aux loss, z-loss,
-    dropped share, load [E]."""
+    dropped share, load [E]. The token count and input width are compile-time constants, so the loops
+    over them have fixed bounds (a model has few shapes; batch-1 decoding one token count)."""
     token = tl.program_id(0)
     block = tl.program_id(1)
     experts = tl.arange(0, EXPERTS)
-    logits = _router_logits(router_input, router_weight, token, in_features, NUM_EXPERTS, EXPERTS, BLOCK_IN)
+    logits = _router_logits(router_input, router_weight, token, IN_FEATURES, NUM_EXPERTS, EXPERTS, BLOCK_IN)
     exps = tl.exp(logits - tl.max(logits, axis=0))
     probs = exps / tl.sum(exps, axis=0)
     top = tl.argmax(logits, axis=0, tie_break_left=True)
     scale = tl.where(tl.load(valid + token) != 0, tl.sum(tl.where(experts == top, probs, 0.0), axis=0), 0.0)
 
     rows = block * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-    matrix = weight + top.to(tl.int64) * out_features * in_features
+    matrix = weight + top.to(tl.int64) * out_features * IN_FEATURES
     partial = tl.zeros([BLOCK_OUT, BLOCK_IN], dtype=tl.float32)
-    for start in range(0, in_features, BLOCK_IN):
+    for start in range(0, IN_FEATURES, BLOCK_IN):
         columns = start + tl.arange(0, BLOCK_IN)
-        inside = columns < in_features
-        x_part = tl.load(x + token * in_features + columns, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(matrix + rows[:, None] * in_features + columns[None, :],
+        inside = columns < IN_FEATURES
+        x_part = tl.load(x + token * IN_FEATURES + columns, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(matrix + rows[:, None] * IN_FEATURES + columns[None, :],
                     mask=(rows[:, None] < out_features) & inside[None, :], other=0.0).to(tl.float32)
         partial += w * x_part[None, :]
     y = tl.sum(partial, axis=1)
@@ -82,16 +83,16 @@ def _routed_few_tokens_kernel(x, router_input, router_weight, weight, bias, vali
 
     if block == 0:
         real = experts < NUM_EXPERTS
-        tl.store(routing + experts * num_tokens + token, logits, mask=real)
-        tl.store(routing + (NUM_EXPERTS + experts) * num_tokens + token, probs, mask=real)
+        tl.store(routing + experts * NUM_TOKENS + token, logits, mask=real)
+        tl.store(routing + (NUM_EXPERTS + experts) * NUM_TOKENS + token, probs, mask=real)
         tl.store(expert + token, top.to(tl.int64))
     if (token == 0) & (block == 0):
         tokens_of = tl.zeros([EXPERTS], dtype=tl.float32)
         prob_sum = tl.zeros([EXPERTS], dtype=tl.float32)
         z_sum = tl.zeros([], dtype=tl.float32)
         num_valid = tl.zeros([], dtype=tl.float32)
-        for t in range(0, num_tokens):
-            token_logits = _router_logits(router_input, router_weight, t, in_features, NUM_EXPERTS, EXPERTS,
+        for t in range(0, NUM_TOKENS):
+            token_logits = _router_logits(router_input, router_weight, t, IN_FEATURES, NUM_EXPERTS, EXPERTS,
                                           BLOCK_IN)
             peak = tl.max(token_logits, axis=0)
             token_exps = tl.exp(token_logits - peak)
@@ -150,8 +151,8 @@ def routed_few_tokens(x, router_input, router_weight, weight, bias, valid):
     grid = (tokens, triton.cdiv(out_features, BLOCK_OUT))
     _routed_few_tokens_kernel[grid](
         x.contiguous(), router_input.contiguous(), router_weight.contiguous(), weight,
-        weight if bias is None else bias.contiguous(), valid.contiguous(), out, routing, expert, summary, tokens, in_features,
-        out_features, NUM_EXPERTS=num_experts, EXPERTS=triton.next_power_of_2(num_experts),
+        weight if bias is None else bias.contiguous(), valid.contiguous(), out, routing, expert, summary, out_features,
+        NUM_TOKENS=tokens, IN_FEATURES=in_features, NUM_EXPERTS=num_experts, EXPERTS=triton.next_power_of_2(num_experts),
         HAS_BIAS=bias is not None, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=BLOCK_IN,
     )
     logits, probs = routing.unbind()

@@ -102,12 +102,11 @@ from triton.compiler import ASTSource
 from parameternet_llm import triton_kernels
 
 kernel = triton_kernels._routed_few_tokens_kernel
-# sm_90 with one token (batch-1 decoding: Triton makes an integer argument of 1 a compile-time constant)
-for arch, dtype, bias, tokens in ((90, "bf16", False, 1), (80, "fp32", True, None)):
+for arch, dtype, bias, tokens in ((90, "bf16", False, 1), (80, "fp32", True, 4)):
     pointers = dict(x=dtype, router_input=dtype, router_weight=dtype, weight=dtype, bias=dtype, valid="i1", out=dtype,
                     routing="fp32", expert="i64", summary="fp32")
-    constants = dict(NUM_EXPERTS=6, EXPERTS=8, HAS_BIAS=bias, BLOCK_OUT=triton_kernels.BLOCK_OUT,
-                     BLOCK_IN=triton_kernels.BLOCK_IN, **({"num_tokens": tokens} if tokens else {}))
+    constants = dict(NUM_TOKENS=tokens, IN_FEATURES=300, NUM_EXPERTS=6, EXPERTS=8, HAS_BIAS=bias,
+                     BLOCK_OUT=triton_kernels.BLOCK_OUT, BLOCK_IN=triton_kernels.BLOCK_IN)
     signature = {name: "*" + pointers[name] if name in pointers else "constexpr" if name in constants else "i32"
                  for name in kernel.arg_names}
     constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
