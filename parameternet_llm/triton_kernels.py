@@ -152,8 +152,9 @@ def routed_few_tokens(x, router_input, router_weight, weight, bias, valid):
     _routed_few_tokens_kernel[grid](
         x.contiguous(), router_input.contiguous(), router_weight.contiguous(), weight,
         weight if bias is None else bias.contiguous(), valid.contiguous(), out, routing, expert, summary, out_features,
-        NUM_TOKENS=tokens, IN_FEATURES=in_features, NUM_EXPERTS=num_experts, EXPERTS=triton.next_power_of_2(num_experts),
-        HAS_BIAS=bias is not None, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=BLOCK_IN,
+        NUM_TOKENS=tokens, IN_FEATURES=in_features, NUM_EXPERTS=num_experts,
+        EXPERTS=triton.next_power_of_2(num_experts), HAS_BIAS=bias is not None, BLOCK_OUT=BLOCK_OUT,
+        BLOCK_IN=BLOCK_IN,
     )
     logits, probs = routing.unbind()
     return out, logits, probs, expert, summary[0], summary[1], summary[3:], summary[2]
