@@ -197,18 +197,23 @@ def host_reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+HALF_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def router_logits(router_weight: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
-    """The router's float32 logits [E, T] for `router_input` [T, in]. On CUDA, half-precision weights and inputs
-    of one dtype multiply as they are into float32 where no gradient is taken through the product: products of
+    """The router's float32 logits [E, T] for `router_input` [T, in], also under autocast (mixed-precision
+    training), which would run the product in half precision. On CUDA, half-precision weights and inputs of
+    one dtype multiply as they are into float32 where no gradient is taken through the product: products of
     half-precision numbers are exact in float32 and cuBLAS sums them in float32, so the logits are the
     float32 product's, without a float32 copy of the input. Elsewhere both are copied to float32."""
-    if (router_input.device.type == "cuda" and router_weight.dtype == router_input.dtype in HALF_PRECISION
+    device_type = router_input.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return router_logits(router_weight, router_input)
+    if (device_type == "cuda" and router_weight.dtype == router_input.dtype in HALF_PRECISION
             and not (torch.is_grad_enabled() and (router_weight.requires_grad or router_input.requires_grad))):
         return torch.mm(router_weight, router_input.t(), torch.float32)
     return router_weight.float() @ router_input.float().t()
-
-
-HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def route(router_weight, router_input, valid, capacity_factor, min_capacity, dtype: torch.dtype, sort: bool,
@@ -418,17 +423,26 @@ BACKENDS = ("loop", "grouped_mm", "gathered")
 FEW_TOKENS = 4
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer multiplies `x` in: autocast's where it is on for x's device (mixed-precision
+    training), else x's own."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `grouped_mm` runs these operands: 16-byte aligned rows; on CUDA, bf16 from sm80 and
-    any float dtype from sm90 (Hopper)."""
+    """Whether `grouped_mm` runs these operands, in their `compute_dtype`: 16-byte aligned rows; on CUDA,
+    bf16 from sm80 and any float dtype from sm90 (Hopper)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    element_bytes = x.element_size()
+    dtype = compute_dtype(x)
+    element_bytes = dtype.itemsize
     if (weight.shape[1] * element_bytes) % 16 or (weight.shape[2] * element_bytes) % 16:
         return False
     if x.device.type == "cuda":
         capability = torch.cuda.get_device_capability(x.device)
-        return capability >= (9, 0) or (capability >= (8, 0) and x.dtype == torch.bfloat16)
+        return capability >= (9, 0) or (capability >= (8, 0) and dtype == torch.bfloat16)
     return x.device.type == "cpu"
 
 
@@ -492,9 +506,11 @@ class RoutedLinear(nn.Module):
         backend = self.expert_backend(x)
         if backend == "grouped_mm":
             out, _ = self.sorted_forward(x, valid)
-        elif backend == "gathered" and (kernels := self.whole_forward_kernels(x)) is not None:
+            return out.reshape(*leading_shape, self.out_features)
+        x, weight, bias = self.autocast_operands(x)
+        if backend == "gathered" and (kernels := self.whole_forward_kernels(x)) is not None:
             out, logits, probs, expert, *summary = kernels.routed_few_tokens(
-                x, self.router_input(x), self.router.weight, self.weight, self.bias, valid
+                x, self.router_input(x), self.router.weight, weight, bias, valid
             )
             self.routing = Routing(logits, probs, expert, valid, valid)
             self.routing.summary = tuple(summary)
@@ -503,7 +519,7 @@ class RoutedLinear(nn.Module):
                 self.router.weight, self.router_input(x), valid, self.active_capacity_factor(), self.min_capacity,
                 x.dtype, sort=False,
             )
-            out = EXPERT_BACKENDS[backend](x, self.weight, self.bias, expert, scale)
+            out = EXPERT_BACKENDS[backend](x, weight, bias, expert, scale)
             self.routing = Routing(logits, probs, expert, valid, keep)
         return out.reshape(*leading_shape, self.out_features)
 
@@ -511,12 +527,21 @@ class RoutedLinear(nn.Module):
         """The grouped_mm path on [T, in] rows in order `rows` (None: token order), returning [T, out] rows
         in order `output` (None: token order, `SORTED`: this linear's sorted order, or a `RowOrder`) and
         the sorted order as a `RowOrder`."""
+        x, weight, bias = self.autocast_operands(x)
         out, logits, probs, expert, keep, order, inverse = RoutedExperts.apply(
-            x, self.router_input(x), self.router.weight, self.weight, self.bias, valid, self.active_capacity_factor(),
+            x, self.router_input(x), self.router.weight, weight, bias, valid, self.active_capacity_factor(),
             self.min_capacity, rows, output,
         )
         self.routing = Routing(logits, probs, expert, valid, keep)
         return out, RowOrder(order, inverse)
+
+    def autocast_operands(self, x: torch.Tensor):
+        """x and the expert weight and bias in x's `compute_dtype`: under autocast the experts multiply in its
+        half precision, as its linear layers do (the parameters stay float32 and get float32 gradients)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            return x, self.weight, self.bias
+        dtype = compute_dtype(x)
+        return x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)
 
     def whole_forward_kernels(self, x: torch.Tensor):
         """The `few_token_kernels` where they may run this forward whole (router and experts in one call):

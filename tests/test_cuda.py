@@ -145,3 +145,16 @@ def test_half_precision_router_logits_are_the_float32_products():
     torch.testing.assert_close(with_grad, want, rtol=1e-5, atol=1e-3)
     with_grad.sum().backward()
     assert router_weight.grad is not None
+
+
+def test_autocast_runs_float32_experts_through_bf16_grouped_mm():
+    """Mixed-precision training (float32 parameters under autocast bf16): the experts take grouped_mm in bf16,
+    the router stays float32."""
+    layer = RoutedLinear(256, 512, 8, capacity_factor=1.25).cuda().train()
+    x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert layer.expert_backend(x.reshape(-1, 256)) == "grouped_mm"
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and layer.routing.logits.dtype == torch.float32
+    (out.float().square().mean() + layer.routing.aux_loss).backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()

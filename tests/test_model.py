@@ -225,6 +225,27 @@ def test_bf16_model_tracks_fp32_model():
     torch.testing.assert_close(out.logits.float(), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("projections", [ALL_PROJECTIONS, ["up_proj"]])
+def test_autocast_training_step_tracks_float32(projections):
+    """A mixed-precision training step (autocast bf16, as accelerate runs one): float32 router logits, float32
+    gradients for every parameter, and the loss and gradients of the float32 step up to bf16 rounding."""
+    model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=projections)).train()
+    ids = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 16))
+    results = []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+        results.append((out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (loss, grads), (mixed_loss, mixed_grads) = results
+    torch.testing.assert_close(mixed_loss, loss, rtol=0.02, atol=0.02)
+    for name, grad in grads.items():
+        assert mixed_grads[name].dtype == torch.float32, name
+        torch.testing.assert_close(mixed_grads[name], grad, rtol=0.1, atol=0.1 * grad.abs().max().item(), msg=name)
+
+
 def test_initialisation_covers_expert_banks_and_routers():
     config = tiny_config(num_experts=8, hidden_size=64, intermediate_size=128, initializer_range=0.05)
     model = ParameterNetLlamaForCausalLM(config)

@@ -443,3 +443,31 @@ def test_mlp_in_sorted_row_order_has_no_host_synchronising_op():
         mlp(x, mask).square().sum().backward()
     assert "_grouped_mm" in ops.names or "grouped_mm" in ops.names
     assert not ops.names & SYNCHRONISING_OPS, ops.names & SYNCHRONISING_OPS
+
+
+@pytest.mark.usefixtures("strict_grouped_mm")
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("in_features,out_features", [(32, 48), (48, 32)])
+def test_autocast_runs_the_experts_in_half_precision_and_the_router_in_float32(backend, in_features, out_features):
+    """Under autocast (mixed-precision training) the experts multiply in bf16, as nn.Linear does there, and
+    the router stays float32; the parameters keep float32 gradients. The same as handing the layer bf16
+    operands explicitly, with a float32 router."""
+    layer = make_layer(backend, num_experts=8, bias=True, in_features=in_features, out_features=out_features)
+    explicit = make_layer(backend, num_experts=8, bias=True, in_features=in_features, out_features=out_features)
+    explicit.load_state_dict(layer.state_dict())
+    explicit.weight.data, explicit.bias.data = explicit.weight.data.bfloat16(), explicit.bias.data.bfloat16()
+    x = torch.randn(3, 40, in_features)
+    mask = torch.rand(3, 40) > 0.1
+    upstream = torch.randn(3, 40, out_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, mask)
+        assert out.dtype == torch.nn.Linear(in_features, out_features)(x).dtype == torch.bfloat16
+    assert layer.routing.logits.dtype == torch.float32
+    want = explicit(x.bfloat16(), mask)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(layer.routing.logits, explicit.routing.logits)
+    (out.float() * upstream).sum().backward()
+    (want.float() * upstream).sum().backward()
+    assert layer.weight.grad.dtype == layer.router.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.grad, explicit.weight.grad.float())
+    torch.testing.assert_close(layer.router.weight.grad, explicit.router.weight.grad)
