@@ -141,6 +141,9 @@ def routed_few_tokens(x, router_input, router_weight, weight, bias, valid):
     (float32), each token's top-1 expert [T], and the routing's aux loss, z-loss, expert load [E] and
     dropped share (0)."""
     check_operands(x, router_input, router_weight, weight, bias, valid)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(x.device):
+            return routed_few_tokens(x, router_input, router_weight, weight, bias, valid)
     tokens, in_features = x.shape
     num_experts, out_features, _ = weight.shape
     out = x.new_empty(tokens, out_features)
