@@ -12,7 +12,7 @@ is installed, it also uses the package's kernels: compiled ones on the CPU, a Tr
 
 import importlib
 from dataclasses import dataclass
-from functools import cache, cached_property, partial
+from functools import cache, cached_property, partial, wraps
 from typing import NamedTuple
 
 import torch
@@ -38,6 +38,20 @@ from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlama
 logger = logging.get_logger(__name__)
 
 
+def without_autocast(function):
+    """`function` run with autocast off for its first argument's device: under mixed precision the router's
+    products and losses stay float32 (Switch Transformer's selective precision), as autocast would run its
+    matrix products in half precision."""
+    @wraps(function)
+    def float32_function(first: torch.Tensor, *args, **kwargs):
+        if torch.is_autocast_enabled(first.device.type):
+            with torch.autocast(first.device.type, enabled=False):
+                return function(first, *args, **kwargs)
+        return function(first, *args, **kwargs)
+    return float32_function
+
+
+@without_autocast
 def routing_summary(logits, probs, expert, valid, keep):
     """Switch load-balancing loss, router z-loss, expert load and dropped share over the valid tokens.
 
@@ -200,17 +214,13 @@ def host_reads_are_free(device: torch.device) -> bool:
 HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
+@without_autocast
 def router_logits(router_weight: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
-    """The router's float32 logits [E, T] for `router_input` [T, in], also under autocast (mixed-precision
-    training), which would run the product in half precision. On CUDA, half-precision weights and inputs of
-    one dtype multiply as they are into float32 where no gradient is taken through the product: products of
-    half-precision numbers are exact in float32 and cuBLAS sums them in float32, so the logits are the
-    float32 product's, without a float32 copy of the input. Elsewhere both are copied to float32."""
-    device_type = router_input.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return router_logits(router_weight, router_input)
-    if (device_type == "cuda" and router_weight.dtype == router_input.dtype in HALF_PRECISION
+    """The router's float32 logits [E, T] for `router_input` [T, in]. On CUDA, half-precision weights and
+    inputs of one dtype multiply as they are into float32 where no gradient is taken through the product:
+    products of half-precision numbers are exact in float32 and cuBLAS sums them in float32, so the logits
+    are the float32 product's, without a float32 copy of the input. Elsewhere both are copied to float32."""
+    if (router_input.device.type == "cuda" and router_weight.dtype == router_input.dtype in HALF_PRECISION
             and not (torch.is_grad_enabled() and (router_weight.requires_grad or router_input.requires_grad))):
         return torch.mm(router_weight, router_input.t(), torch.float32)
     return router_weight.float() @ router_input.float().t()

@@ -106,7 +106,8 @@ def _check_type(dotted: str, default, value):
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
-        raise RecipeError(f"recipe key {dotted!r} must be {expected.__name__}, got {value!r}")
+        hint = " (YAML reads unquoted no/yes/off/on as booleans: quote the word)" if expected is str else ""
+        raise RecipeError(f"recipe key {dotted!r} must be {expected.__name__}, got {value!r}{hint}")
     return value
 
 

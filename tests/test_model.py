@@ -227,8 +227,9 @@ def test_bf16_model_tracks_fp32_model():
 
 @pytest.mark.parametrize("projections", [ALL_PROJECTIONS, ["up_proj"]])
 def test_autocast_training_step_tracks_float32(projections):
-    """A mixed-precision training step (autocast bf16, as accelerate runs one): float32 router logits, float32
-    gradients for every parameter, and the loss and gradients of the float32 step up to bf16 rounding."""
+    """A mixed-precision training step (autocast bf16, as accelerate runs one): float32 router logits and
+    losses, float32 gradients for every parameter, and the loss and gradients of the float32 step up to bf16
+    rounding."""
     model = ParameterNetLlamaForCausalLM(tiny_config(num_experts=4, moe_projections=projections)).train()
     ids = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 16))
     results = []
@@ -238,6 +239,7 @@ def test_autocast_training_step_tracks_float32(projections):
             out = model(ids, labels=ids, output_router_logits=True)
         out.loss.backward()
         assert all(logits.dtype == torch.float32 for logits in out.router_logits)
+        assert out.aux_loss.dtype == out.z_loss.dtype == torch.float32
         results.append((out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
     (loss, grads), (mixed_loss, mixed_grads) = results
     torch.testing.assert_close(mixed_loss, loss, rtol=0.02, atol=0.02)

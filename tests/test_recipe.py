@@ -76,6 +76,7 @@ def test_a_recipe_cannot_be_its_own_base(tmp_path):
         (["data.sources=[{name: a, weight: -1, files: x}]"], "weight ('a') must be a number > 0"),
         (["data.sources=[{name: a, weight: 1, hub: {path: x, nmae: y}}]"], "unknown recipe key 'data.sources[0].hub.nmae'"),
         (["train.mixed_precision=fp8"], "must be one of"),
+        (["train.mixed_precision=no"], "'train.mixed_precision' must be str, got False (YAML reads unquoted no"),
         (["train.lr=high"], "'train.lr' must be float"),
         (["tokenizer.path=null"], "'tokenizer.path' is not set"),
         (["=3"], "not of the form"),
