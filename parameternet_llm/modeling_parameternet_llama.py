@@ -207,8 +207,9 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 
 def host_reads_are_free(device: torch.device) -> bool:
     """Whether the host may read a tensor's values (expert ids, group sizes) at no cost: on a CPU it waits
-    for no device; on an accelerator it would stall the queue of launched kernels."""
-    return device.type == "cpu"
+    for no device; on an accelerator it would stall the queue of launched kernels, and under torch.compile
+    it would break the graph."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
@@ -407,11 +408,11 @@ def gathered_experts(x, weight, bias, expert, scale, on_views: bool | None = Non
     """Few tokens (decoding): each token through its expert's matrix alone, as dense reads one matrix.
 
     By default where reading the expert ids is free (`host_reads_are_free`), each token's product runs
-    on a view of its matrix (`on_views`); elsewhere, and under torch.compile (whose graph a read would
-    break), the chosen matrices are gathered for one batched matrix-vector product, without a host sync.
+    on a view of its matrix (`on_views`); elsewhere the chosen matrices are gathered for one batched
+    matrix-vector product, without a host sync.
     """
     if on_views is None:
-        on_views = host_reads_are_free(x.device) and not torch.compiler.is_compiling()
+        on_views = host_reads_are_free(x.device)
     if on_views:
         ids = expert.tolist()
         if len(set(ids)) == 1:  # one expert for all tokens, as always in batch-1 decoding

@@ -28,19 +28,26 @@ BLOCK_IN = 128
 
 
 @triton.jit
+def _rows_times_token(matrix, rows, num_rows, inputs, token, IN_FEATURES: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """float32 products of a [num_rows, in] matrix's `rows` with input row `token`, 0 for rows past num_rows."""
+    partial = tl.zeros([rows.shape[0], BLOCK_IN], dtype=tl.float32)
+    for start in range(0, IN_FEATURES, BLOCK_IN):
+        columns = start + tl.arange(0, BLOCK_IN)
+        inside = columns < IN_FEATURES
+        x = tl.load(inputs + token * IN_FEATURES + columns, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(matrix + rows[:, None] * IN_FEATURES + columns[None, :],
+                    mask=(rows[:, None] < num_rows) & inside[None, :], other=0.0).to(tl.float32)
+        partial += w * x[None, :]
+    return tl.sum(partial, axis=1)
+
+
+@triton.jit
 def _router_logits(router_input, router_weight, token, IN_FEATURES: tl.constexpr, NUM_EXPERTS: tl.constexpr,
                    EXPERTS: tl.constexpr, BLOCK_IN: tl.constexpr):
     """One token's float32 router logits, [EXPERTS] (a power of two), -inf past NUM_EXPERTS."""
     experts = tl.arange(0, EXPERTS)
-    partial = tl.zeros([EXPERTS, BLOCK_IN], dtype=tl.float32)
-    for start in range(0, IN_FEATURES, BLOCK_IN):
-        columns = start + tl.arange(0, BLOCK_IN)
-        inside = columns < IN_FEATURES
-        x = tl.load(router_input + token * IN_FEATURES + columns, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(router_weight + experts[:, None] * IN_FEATURES + columns[None, :],
-                    mask=(experts[:, None] < NUM_EXPERTS) & inside[None, :], other=0.0).to(tl.float32)
-        partial += w * x[None, :]
-    return tl.where(experts < NUM_EXPERTS, tl.sum(partial, axis=1), float("-inf"))
+    logits = _rows_times_token(router_weight, experts, NUM_EXPERTS, router_input, token, IN_FEATURES, BLOCK_IN)
+    return tl.where(experts < NUM_EXPERTS, logits, float("-inf"))
 
 
 @triton.jit
@@ -65,15 +72,7 @@ def _routed_few_tokens_kernel(x, router_input, router_weight, weight, bias, vali
 
     rows = block * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
     matrix = weight + top.to(tl.int64) * out_features * IN_FEATURES
-    partial = tl.zeros([BLOCK_OUT, BLOCK_IN], dtype=tl.float32)
-    for start in range(0, IN_FEATURES, BLOCK_IN):
-        columns = start + tl.arange(0, BLOCK_IN)
-        inside = columns < IN_FEATURES
-        x_part = tl.load(x + token * IN_FEATURES + columns, mask=inside, other=0.0).to(tl.float32)
-        w = tl.load(matrix + rows[:, None] * IN_FEATURES + columns[None, :],
-                    mask=(rows[:, None] < out_features) & inside[None, :], other=0.0).to(tl.float32)
-        partial += w * x_part[None, :]
-    y = tl.sum(partial, axis=1)
+    y = _rows_times_token(matrix, rows, out_features, x, token, IN_FEATURES, BLOCK_IN)
     if HAS_BIAS:
         y += tl.load(bias + top * out_features + rows, mask=rows < out_features, other=0.0).to(tl.float32)
     dtype = out.dtype.element_ty
