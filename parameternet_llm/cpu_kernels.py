@@ -1,5 +1,5 @@
-"""Compiled CPU kernels: the expert-parallel grouped product (`csrc/grouped_mm.cpp`) and the few-token routed
-linear of decoding (`csrc/routed_few_tokens.cpp`).
+"""Compiled CPU kernels: the expert-parallel grouped product (`csrc/grouped_mm.cpp`), the routing for it
+(`csrc/route_sorted.cpp`) and the few-token routed linear of decoding (`csrc/routed_few_tokens.cpp`).
 
 Built on first use with torch's C++ extension loader (a C++ compiler and ninja; 15-20 s on two cores) and
 cached by it (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`). Where they cannot be built,
@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 SWITCH = "PARAMETERNET_LLM_CPU_KERNELS"
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("grouped_mm.cpp", "routed_few_tokens.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("grouped_mm.cpp", "route_sorted.cpp", "routed_few_tokens.cpp")]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,13 @@ def load() -> bool:
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`torch.nn.functional.grouped_mm(a, b, offs=offs)` for CPU tensors, its groups spread over the threads."""
     return torch.ops.parameternet_llm.grouped_mm(a, b, offs)
+
+
+def route_sorted(logits, valid, capacity_factor, min_capacity):
+    """The model's `route` from CPU router logits [E, T] (float32) with the grouped dispatch's order: the
+    probabilities [E, T], the scale [T] (float32), the top-1 expert [T], the kept tokens [T], the dispatch
+    order [T] and its inverse [T], and the group ends [E] (int32)."""
+    return torch.ops.parameternet_llm.route_sorted(logits, valid, capacity_factor, min_capacity)
 
 
 def routed_few_tokens(x, router_input, router_weight, weight, bias, valid):

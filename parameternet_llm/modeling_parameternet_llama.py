@@ -232,11 +232,18 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
     """The router's decisions for every token: logits and probabilities [E, T] (float32); the scale [T]
     in `dtype` (the top-1 probability, 0 for padding and dropped tokens); the top-1 expert and the
     tokens kept within capacity [T]; and, if sorted, `dispatch_order`'s rows and group ends (else None).
-    Results are in token order; `rows` gives the order of `router_input`'s rows when it is not."""
+    Results are in token order; `rows` gives the order of `router_input`'s rows when it is not. Sorted, on the
+    CPU, the package's compiled `route_sorted` takes over from the router's logits: the same results in one
+    call where the tensor ops are about twenty."""
     num_experts = router_weight.shape[0]
     logits = router_logits(router_weight, router_input)
     if rows is not None:
         logits = logits.index_select(1, rows.token_row)
+    if sort and logits.device.type == "cpu" and (kernels := compiled_cpu_kernels()) is not None:
+        probs, scale, expert, keep, order, inverse, group_ends = kernels.route_sorted(
+            logits, valid, capacity_factor, min_capacity
+        )
+        return logits, probs, scale.to(dtype), expert, keep, RowOrder(order, inverse), group_ends
     probs = logits.softmax(dim=0)
     top_prob, expert = probs.max(dim=0)
     keep = valid

@@ -1,6 +1,6 @@
-"""The compiled CPU kernels: the grouped product against per-group products and torch's grouped_mm; both
-kernels traced with fake tensors; their build switch, fallback and errors. (tests/test_few_token_kernels.py
-checks the few-token routed linear.)"""
+"""The compiled CPU kernels: the grouped product against per-group products and torch's grouped_mm; the
+sorted routing against the model's tensor ops; the kernels traced with fake tensors; their build switch,
+fallback and errors. (tests/test_few_token_kernels.py checks the few-token routed linear.)"""
 
 import pytest
 import torch
@@ -76,6 +76,61 @@ def test_groups_along_the_reduced_dimension_match_per_group_products(threads):
     torch.testing.assert_close(got, torch.nn.functional.grouped_mm(a, b, offs=offsets(SIZES)))
 
 
+def tensor_ops_route(monkeypatch, *args):
+    """The model's sorted `route` by its tensor ops (the compiled kernels out of its reach)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_parameternet_llama, "compiled_cpu_kernels", lambda: None)
+        return modeling_parameternet_llama.route(*args)
+
+
+@pytest.mark.parametrize("capacity_factor,min_capacity", [(None, 4), (1.25, 4), (0.5, 4), (0.1, 9), (1.0, 0)])
+@pytest.mark.parametrize("padding", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("skew", [0.0, 4.0])  # 4: most tokens choose expert 0, many dropped
+def test_sorted_routing_is_the_tensor_ops_exactly(monkeypatch, capacity_factor, min_capacity, padding, skew):
+    tokens, width, experts = 300, 24, 6
+    x = torch.randn(tokens, width)
+    router_weight = torch.randn(experts, width) * 0.3
+    router_weight[0] += skew * x.mean(0) / x.mean(0).norm().square()
+    valid = torch.rand(tokens) >= padding
+    row_token = torch.randperm(tokens)  # router input rows in another order than the tokens', as a down projection's
+    rows = modeling_parameternet_llama.RowOrder(row_token, torch.argsort(row_token))
+    for dtype, row_order in ((torch.float32, None), (torch.bfloat16, rows)):
+        args = (router_weight, x if row_order is None else x[row_order.row_token], valid, capacity_factor,
+                min_capacity, dtype, True, row_order)
+        got = modeling_parameternet_llama.route(*args)
+        want = tensor_ops_route(monkeypatch, *args)
+        for name, a, b in zip(("logits", "probs", "scale", "expert", "keep", "rows", "group_ends"), got, want,
+                              strict=True):
+            for part_a, part_b in zip(*(p if isinstance(p, tuple) else (p,) for p in (a, b)), strict=True):
+                assert part_a.dtype == part_b.dtype and torch.equal(part_a, part_b), name
+    keep = got[4]
+    assert not keep[~valid].any()
+    if padding < 1.0 and capacity_factor is not None and skew:
+        assert (valid & ~keep).any()  # the test drops tokens
+
+
+def test_sorted_routing_takes_the_top_1_as_torch_max():
+    """Equal maxima: the first; a token with NaN logits (a diverged router) has NaN probabilities: expert 0."""
+    logits = torch.randn(5, 12)
+    logits[3] = logits[1] = logits.max(0).values + 1  # experts 1 and 3 tie for every token
+    logits[4, 5] = float("nan")
+    _, scale, expert, *_ = cpu_kernels.route_sorted(logits, torch.ones(12, dtype=torch.bool), None, 4)
+    top_prob, want = logits.softmax(0).max(0)
+    assert torch.equal(expert, want)
+    assert expert[5] == 0 and torch.all(expert[torch.arange(12) != 5] == 1)
+    torch.testing.assert_close(scale, top_prob, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sorted_routing_refuses_bad_operands_by_name():
+    valid = torch.ones(10, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="logits must be a \\[E, T\\] float32"):
+        cpu_kernels.route_sorted(torch.randn(4, 10, dtype=torch.float64), valid, None, 4)
+    with pytest.raises(RuntimeError, match="valid must be a \\[10\\] bool"):
+        cpu_kernels.route_sorted(torch.randn(4, 10), valid[:9], None, 4)
+    with pytest.raises(RuntimeError, match="valid must be a \\[10\\] bool"):
+        cpu_kernels.route_sorted(torch.randn(4, 10), valid.int(), 1.0, 4)
+
+
 def test_traced_with_fake_tensors_to_the_real_shapes():
     a, b, b_2d, offs = torch.randn(ROWS, 48), torch.randn(len(SIZES), 48, 40), torch.randn(ROWS, 40), offsets(SIZES)
     operands = few_token_operands(torch.float32, bias=True, tokens=3)
@@ -83,9 +138,14 @@ def test_traced_with_fake_tensors_to_the_real_shapes():
         fakes = [mode.from_tensor(t) for t in (a, b, b_2d, offs)]
         rows, reduction = cpu_kernels.grouped_mm(*fakes[:2], fakes[3]), cpu_kernels.grouped_mm(fakes[0].t(), *fakes[2:])
         few_token_fakes = cpu_kernels.routed_few_tokens(*[mode.from_tensor(t) for t in operands])
+        routing_fakes = cpu_kernels.route_sorted(mode.from_tensor(torch.randn(len(SIZES), ROWS)),
+                                                 mode.from_tensor(torch.ones(ROWS, dtype=torch.bool)), 1.25, 4)
     assert rows.shape == cpu_kernels.grouped_mm(a, b, offs).shape == (ROWS, 40)
     assert reduction.shape == cpu_kernels.grouped_mm(a.t(), b_2d, offs).shape == (len(SIZES), 48, 40)
     for fake, real in zip(few_token_fakes, cpu_kernels.routed_few_tokens(*operands), strict=True):
+        assert fake.shape == real.shape and fake.dtype == real.dtype
+    routing = cpu_kernels.route_sorted(torch.randn(len(SIZES), ROWS), torch.ones(ROWS, dtype=torch.bool), 1.25, 4)
+    for fake, real in zip(routing_fakes, routing, strict=True):
         assert fake.shape == real.shape and fake.dtype == real.dtype
 
 
