@@ -234,12 +234,12 @@ def route(router_weight, router_input, valid, capacity_factor, min_capacity, dty
     tokens kept within capacity [T]; and, if sorted, `dispatch_order`'s rows and group ends (else None).
     Results are in token order; `rows` gives the order of `router_input`'s rows when it is not. Sorted, on the
     CPU, the package's compiled `route_sorted` takes over from the router's logits: the same results in one
-    call where the tensor ops are about twenty."""
+    call where the tensor ops are about twenty (not under torch.compile, which fuses them itself)."""
     num_experts = router_weight.shape[0]
     logits = router_logits(router_weight, router_input)
     if rows is not None:
         logits = logits.index_select(1, rows.token_row)
-    if sort and logits.device.type == "cpu" and (kernels := compiled_cpu_kernels()) is not None:
+    if sort and host_reads_are_free(logits.device) and (kernels := compiled_cpu_kernels()) is not None:
         probs, scale, expert, keep, order, inverse, group_ends = kernels.route_sorted(
             logits, valid, capacity_factor, min_capacity
         )
