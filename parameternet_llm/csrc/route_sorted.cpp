@@ -2,7 +2,7 @@
 // probabilities, top-1 expert and scale, Switch capacity, and the order that groups the kept tokens
 // by expert. The model's tensor ops for this are about twenty, each costing microseconds of dispatch
 // against a few of work on a CPU. Follows the model's `route` with `sort=True`, to the bit: the softmax
-// by ATen's own op, the rest in one pass over the tokens.
+// by ATen's own op, the rest in two passes over the tokens.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -54,7 +54,10 @@ Result route_sorted(const at::Tensor& logits, const at::Tensor& valid, std::opti
     float top_prob = prob[t];
     for (int64_t e = 1; e < experts && !std::isnan(top_prob); ++e) {
       const float value = prob[e * tokens + t];
-      if (value > top_prob || std::isnan(value)) top = e, top_prob = value;
+      if (value > top_prob || std::isnan(value)) {
+        top = e;
+        top_prob = value;
+      }
     }
     expert_of[t] = top;
     kept[t] = valid_of[t] && static_cast<double>(++claimed[top]) <= capacity;  // padding claims no slot
