@@ -186,7 +186,7 @@ def package_kernels(name: str):
 
 
 def compiled_cpu_kernels():
-    """The package's compiled CPU kernels (grouped product, few-token routed linear), or None."""
+    """The package's compiled CPU kernels (grouped product, sorted routing, few-token routed linear), or None."""
     return package_kernels("cpu_kernels")
 
 
