@@ -1,7 +1,11 @@
-"""ParameterNet for language models: LLaMA with top-1 routed expert projections (arXiv 2306.14525)."""
+"""ParameterNet for language models: LLaMA with top-1 routed expert projections (arXiv 2306.14525).
+
+Importing the package registers the model with transformers' Auto classes and its plug-ins (`kernels`).
+"""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from . import kernels  # noqa: F401  (registers the plug-ins)
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .modeling_parameternet_llama import (
     ParameterNetLlamaForCausalLM,
@@ -18,7 +22,7 @@ AutoModelForSequenceClassification.register(
     ParameterNetLlamaConfig, ParameterNetLlamaForSequenceClassification, exist_ok=True
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ParameterNetLlamaConfig",

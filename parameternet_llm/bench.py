@@ -14,10 +14,13 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from . import cpu_kernels
 from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
-from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear, few_token_kernels
+from .kernels import reference_only
+from . import modeling_parameternet_llama
+from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
 from .presets import MODEL_SHAPES
+
+REFERENCE = "parameternet, reference path"
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
@@ -26,14 +29,25 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 
 def describe_device(device: torch.device) -> str:
-    """The device and torch; on a GPU also whether decoding runs the Triton kernel, on a CPU the threads and
-    which grouped product the experts run."""
-    if device.type == "cuda":
-        few_tokens = "Triton few-token kernel" if few_token_kernels(device) is not None else "few tokens by tensor ops"
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {few_tokens}"
-    grouped_mm = "compiled grouped_mm" if cpu_kernels.load() else "torch's grouped_mm"
-    return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, {grouped_mm}")
+    """The device, torch, and which plug-in the expert products run there."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    kernel = modeling_parameternet_llama.plugin("expert_products", device)
+    return f"{name}, torch {torch.__version__}, expert-products plug-in: {'none' if kernel is None else kernel}"
+
+
+def with_reference_path(functions: dict[str, Callable[[], None]], name: str, device: torch.device) -> None:
+    """Adds `functions[name]` run on the reference path as `REFERENCE`, where a plug-in serves `device`: the
+    plug-in's gain, measured in the same run."""
+    if modeling_parameternet_llama.plugin("expert_products", device) is None:
+        return
+    function = functions[name]
+
+    def reference():
+        with reference_only():
+            function()
+
+    functions[REFERENCE] = reference
 
 
 def synchronize(device: torch.device) -> None:
@@ -93,23 +107,26 @@ def bench_layer(tokens: int = 16384, in_features: int = 2048, out_features: int 
 
     def step(layer):
         def run():
-            layer(x).backward(grad)
+            out = layer(x)
+            (out[0] if isinstance(layer, RoutedLinear) else out).backward(grad)
         return run
 
-    times = interleaved_times({name: step(layer) for name, layer in layers.items()}, device, warmup, repeats)
+    functions = {name: step(layer) for name, layer in layers.items()}
+    plugged = next((backend for backend in backends if backend in ("auto", "grouped_mm")), None)
+    if plugged is not None:
+        with_reference_path(functions, plugged, device)
+    times = interleaved_times(functions, device, warmup, repeats)
     seconds = medians(times)
     dense = seconds["dense"]
     rows = [(name, f"{1e3 * s:.3f} ms", f"{s / dense:.2f}x") for name, s in seconds.items()]
-    best_name = min(seconds, key=lambda name: (name == "dense", seconds[name]))
-    best = seconds[best_name]
     return report(
         f"routed linear fwd+bwd: {tokens} tokens, {in_features}->{out_features}, {num_experts} experts, "
         f"capacity {capacity_factor}, {dtype}, {describe_device(device)}",
         rows,
         {"bench": "layer", "device": describe_device(device), "dtype": str(dtype), "tokens": tokens,
          "in": in_features, "out": out_features, "experts": num_experts,
-         "ms": {name: 1e3 * s for name, s in seconds.items()}, "ratio": best / dense,
-         "paired_ratio": paired_ratio(times, best_name, "dense")},
+         "ms": {name: 1e3 * s for name, s in seconds.items()}, "ratio": seconds[backends[0]] / dense,
+         "paired_ratio": paired_ratio(times, backends[0], "dense")},
     )
 
 
@@ -166,6 +183,7 @@ def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 25
     ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
     steps = {name: training_step(model, ids)
              for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
+    with_reference_path(steps, "parameternet", device)
     times = interleaved_times(steps, device, warmup, repeats)
     seconds = medians(times)
     tokens = batch_size * seq_len
@@ -193,6 +211,7 @@ def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int
     prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
     runs = {name: greedy_decode(model, prompt, new_tokens)
             for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
+    with_reference_path(runs, "parameternet", device)
     times = interleaved_times(runs, device, warmup, repeats)
     seconds = medians(times)
     per_token = {name: 1e3 * s / new_tokens for name, s in seconds.items()}

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, LlamaConfig
 
 from .accounting import count_parameters, flops_per_token
@@ -31,7 +32,7 @@ def load_config(target: str, overrides: list[str]) -> LlamaConfig:
     if target in MODEL_SHAPES:
         try:
             return ParameterNetLlamaConfig(**{**MODEL_SHAPES[target], **parse_overrides(overrides)})
-        except ValueError as error:
+        except (ValueError, StrictDataclassError) as error:
             raise RecipeError(str(error)) from error
     path = Path(target)
     if not path.exists():

@@ -137,8 +137,7 @@ def expert_loads(checkpoint: Path, validation: list[torch.Tensor]) -> dict[str, 
     totals: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for block in validation:
-            model(block.unsqueeze(0))
-            for name, stats in model.routing_stats().items():
+            for name, stats in model.routing_stats(model(block.unsqueeze(0))).items():
                 totals[name] = totals.get(name, 0) + stats["load"]
     return {name: (total / len(validation)).tolist() for name, total in totals.items()}
 

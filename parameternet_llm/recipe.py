@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig
 
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
@@ -237,7 +238,7 @@ def model_config(model_section: dict, seq_len: int, defaults: dict | None = None
         fields.setdefault(key, value)
     try:
         config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, StrictDataclassError) as error:
         raise RecipeError(f"model section: {error}") from error
     if seq_len > config.max_position_embeddings:
         raise RecipeError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}")

@@ -210,7 +210,7 @@ class Trainer:
                         window.add_grad_norm(accelerator.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                window.add(out, unwrapped.routing_stats() if routed else None)
+                window.add(out, unwrapped.routing_stats(out) if routed else None)
             self.scheduler.step()
             self.step += 1
             window.steps += 1

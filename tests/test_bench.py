@@ -10,6 +10,7 @@ import torch
 
 from parameternet_llm import bench
 from parameternet_llm.cli import main
+from parameternet_llm.kernels import reference_only
 
 
 def last_json_line(text: str) -> dict:
@@ -21,14 +22,16 @@ def test_layer_bench_times_each_backend_against_nn_linear(capsys):
                                backends=("loop", "grouped_mm"), warmup=1, repeats=2)
     printed = last_json_line(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
-    assert set(result["ms"]) == {"dense", "loop", "grouped_mm"} and all(v > 0 for v in result["ms"].values())
-    assert result["ratio"] == pytest.approx(min(result["ms"]["loop"], result["ms"]["grouped_mm"]) / result["ms"]["dense"])
+    assert set(result["ms"]) == {"dense", "loop", "grouped_mm", bench.REFERENCE}
+    assert all(v > 0 for v in result["ms"].values())
+    assert result["ratio"] == pytest.approx(result["ms"]["loop"] / result["ms"]["dense"])
 
 
-def test_cpu_results_say_which_grouped_product_ran(monkeypatch):
-    assert bench.describe_device(torch.device("cpu")).endswith(", compiled grouped_mm")
-    monkeypatch.setattr(bench.cpu_kernels, "load", lambda: False)
-    assert bench.describe_device(torch.device("cpu")).endswith(", torch's grouped_mm")
+def test_cpu_results_say_which_plug_in_ran():
+    assert bench.describe_device(torch.device("cpu")).endswith(
+        "expert-products plug-in: parameternet_llm.expert_products_v1_cpu")
+    with reference_only():
+        assert bench.describe_device(torch.device("cpu")).endswith("expert-products plug-in: none")
 
 
 def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
@@ -36,6 +39,7 @@ def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
                                                          num_hidden_layers=1, vocab_size=64))
     train = bench.bench_train("test", batch_size=2, seq_len=16, num_experts=4, warmup=1, repeats=2)
     assert train["ratio"] == pytest.approx(train["tokens_per_s"]["parameternet"] / train["tokens_per_s"]["dense"])
+    assert set(train["tokens_per_s"]) == {"dense", "parameternet", bench.REFERENCE}
     assert train["paired_ratio"] > 0
     decode = bench.bench_decode("test", prompt_len=4, new_tokens=4, num_experts=4, warmup=0, repeats=1)
     assert decode["ratio"] == pytest.approx(decode["ms_per_token"]["parameternet"] / decode["ms_per_token"]["dense"])
@@ -57,32 +61,17 @@ def test_paired_ratio_holds_when_the_machine_speed_drifts():
     assert medians["routed"] / medians["dense"] == pytest.approx(0.15)
 
 
-def test_revision_comparison_runs_both_dispatches_with_the_same_weights():
-    """benchmarks/compare_revisions.py loads a git revision's model files beside this tree's and times both."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_revisions.py"
-    run = subprocess.run([sys.executable, str(script), "HEAD", "--part", "mlp", "--shift", "0.3", "--rounds", "1"],
-                         capture_output=True, text=True, cwd=script.parent)
-    assert run.returncode == 0, run.stderr
-    record = last_json_line(run.stdout)
-    assert record["compare"] == "HEAD" and set(record["ms"]) == {"dense", "this tree", "revision"}
-    assert record["speedup"] > 0 and "| revision |" in run.stdout
-
-    missing = subprocess.run([sys.executable, str(script), "no-such-revision"], capture_output=True, text=True,
-                             cwd=script.parent)
-    assert missing.returncode != 0 and "no-such-revision" in missing.stderr
-
-
 @pytest.mark.parametrize("timer,mm", [([], "mm"), (["--profiler"], "aten::mm")])
 def test_op_breakdown_times_each_models_ops_in_one_process(timer, mm):
     """benchmarks/op_breakdown.py attributes each model's step time to ops, timed under a dispatch mode or by
-    torch.profiler (as on a GPU): only ParameterNet's routed linears run the compiled CPU grouped_mm, and
-    both models' other GEMMs run mm."""
+    torch.profiler (as on a GPU): only ParameterNet's routed linears run the CPU plug-in, and both models'
+    other GEMMs run mm."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "op_breakdown.py"
     run = subprocess.run([sys.executable, str(script), "--batch-size", "1", "--seq-len", "8", "--rounds", "1",
                           "--top", "1000", *timer], capture_output=True, text=True, cwd=script.parent)
     assert run.returncode == 0, run.stderr
     record = last_json_line(run.stdout)
-    dense_grouped, routed_grouped = record["ops"]["parameternet_llm::grouped_mm"]
-    assert dense_grouped == 0 < routed_grouped
+    dense_plug_in, routed_plug_in = record["ops"]["parameternet_llm::expert_products_v1_cpu"]
+    assert dense_plug_in == 0 < routed_plug_in
     assert all(ms > 0 for ms in record["ops"][mm]) and all(ms > 0 for ms in record["ms_per_step"].values())
-    assert "| parameternet_llm::grouped_mm | 0.00 (0) |" in run.stdout
+    assert "| parameternet_llm::expert_products_v1_cpu | 0.00 (0) |" in run.stdout

@@ -1,10 +1,13 @@
-"""Checkpoints: save/load, the remote-code round trip in a process without the package, refusal of incomplete files."""
+"""Checkpoints: save/load, the checkpoint's own model files in clean processes (without the package, with it,
+beside other versions), refusal of incomplete files."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,12 @@ from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from parameternet_llm import ParameterNetLlamaConfig, ParameterNetLlamaForCausalLM, ParameterNetLlamaModel
+from parameternet_llm import (
+    ParameterNetLlamaConfig,
+    ParameterNetLlamaForCausalLM,
+    ParameterNetLlamaModel,
+    modeling_parameternet_llama,
+)
 
 
 @pytest.fixture
@@ -63,38 +71,113 @@ def test_load_with_the_package_gives_identical_logits(checkpoint):
 REMOTE_LOAD = textwrap.dedent(
     """
     import sys
-    sys.modules["parameternet_llm"] = None  # the package must not be importable here
-    try:
-        import parameternet_llm
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("parameternet_llm is importable")
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
 
-    path, expected_path = sys.argv[1], sys.argv[2]
+    path, expected_path, case = sys.argv[1:4]
+    if case == "package absent":
+        sys.modules["parameternet_llm"] = None  # the package must not be importable here
+    elif case == "previous release":  # its own plug-in names, which must never be called
+        import parameternet_llm
+        assert parameternet_llm.__version__ == "0.1.0", parameternet_llm.__file__
+    else:
+        import parameternet_llm
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    calls = []
+    namespace = torch.ops.parameternet_llm
+    for name in ("expert_products_v1_cpu", "expert_products_v2_cpu", "grouped_mm"):
+        op = getattr(namespace, name, None)
+        if op is not None:
+            setattr(namespace, name, lambda *args, op=op, name=name: calls.append(name) or op(*args))
+
     expected = torch.load(expected_path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    base = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+    # The checkpoint's own copy of the model (with the package imported, the Auto classes would take the package's).
+    causal_lm, base_model = (get_class_from_dynamic_module(f"modeling_parameternet_llama.{name}", path)
+                             for name in ("ParameterNetLlamaForCausalLM", "ParameterNetLlamaModel"))
+    assert causal_lm.__module__.startswith("transformers_modules."), causal_lm.__module__
+    model = causal_lm.from_pretrained(path)
+    base = base_model.from_pretrained(path).eval()
+    if case == "package absent":  # the Auto classes find the checkpoint's code through its auto_map
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        for auto, loaded in ((AutoModelForCausalLM, causal_lm), (AutoModel, base_model)):
+            found = type(auto.from_pretrained(path, trust_remote_code=True))
+            assert (found.__module__, found.__name__) == (loaded.__module__, loaded.__name__), found
     with torch.no_grad():
-        assert torch.equal(model(expected["ids"]).logits, expected["logits"])
-        assert torch.equal(base(expected["ids"]).last_hidden_state, expected["hidden"])
-    print(type(model).__module__, type(model).__name__, type(base).__name__)
+        torch.testing.assert_close(model.eval()(expected["ids"]).logits, expected["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(base(expected["ids"]).last_hidden_state, expected["hidden"], rtol=1e-5, atol=1e-5)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss = model(expected["ids"], labels=expected["ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    print("plug-in calls:", sorted(set(calls)) or "none")
+    """
+)
+
+PREVIOUS_RELEASE = textwrap.dedent(
+    """
+    \"\"\"Stands in for the previous release: its kernels registered other names in the same op namespace.\"\"\"
+    import torch
+
+    __version__ = "0.1.0"
+    torch.library.define("parameternet_llm::grouped_mm", "(Tensor a, Tensor b, Tensor offs) -> Tensor")
     """
 )
 
 
-def test_remote_code_round_trip_in_a_clean_process(checkpoint, tmp_path):
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+@pytest.mark.parametrize("case, plug_in_calls", [
+    ("package absent", "none"),
+    ("package present", "['expert_products_v1_cpu']"),
+    ("package present, checkpoint of the next plug-in version", "none"),
+    ("previous release", "none"),
+])
+def test_checkpoint_loads_and_trains_in_a_clean_process(checkpoint, tmp_path, case, plug_in_calls):
+    """The checkpoint's own model files run without the package, with it (and then use its plug-in), with a
+    package whose plug-ins are of another version, and beside the previous release."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if case.endswith("next plug-in version"):
+        modeling = checkpoint / "modeling_parameternet_llama.py"
+        modeling.write_text(modeling.read_text().replace("PLUGIN_VERSION = 1", "PLUGIN_VERSION = 2"))
+    if case == "previous release":
+        package = tmp_path / "previous" / "parameternet_llm"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(PREVIOUS_RELEASE)
+        env["PYTHONPATH"] = str(package.parent)
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(checkpoint), str(checkpoint.parent / "expected.pt")],
+        [sys.executable, "-c", REMOTE_LOAD, str(checkpoint), str(checkpoint.parent / "expected.pt"), case],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    module, causal_lm, base = result.stdout.split()[-3:]
-    assert module.startswith("transformers_modules.")
-    assert (causal_lm, base) == ("ParameterNetLlamaForCausalLM", "ParameterNetLlamaModel")
+    assert result.stdout.splitlines()[-1] == f"plug-in calls: {plug_in_calls}"
+    assert len(result.stderr.strip().splitlines()) <= 1, result.stderr  # at most one line (transformers quiet)
+
+
+def test_model_files_import_only_torch_transformers_and_each_other():
+    """The two files copied into every checkpoint: no import of the package, at load time or at run time."""
+    allowed = {"dataclasses", "functools", "typing", "torch", "transformers", "huggingface_hub"}
+    for path in (Path(modeling_parameternet_llama.__file__),
+                 Path(modeling_parameternet_llama.__file__).with_name("configuration_parameternet_llama.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                roots = {"." if node.level else node.module.split(".")[0]}
+                if node.level:
+                    assert node.module == "configuration_parameternet_llama", (path.name, node.module)
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                    "import_module", "__import__"):
+                raise AssertionError(f"{path.name} imports at run time")
+            else:
+                continue
+            assert roots <= allowed | {"."}, (path.name, roots)
 
 
 def test_missing_router_or_expert_tensor_fails_loading(checkpoint):
@@ -111,13 +194,3 @@ def test_missing_router_or_expert_tensor_fails_loading(checkpoint):
 def test_output_loading_info_is_still_returned_on_request(checkpoint):
     model, info = ParameterNetLlamaForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
     assert isinstance(model, ParameterNetLlamaForCausalLM) and not info["missing_keys"]
-
-
-def test_config_round_trips_through_json(tmp_path):
-    config = tiny_config(num_experts=8, moe_projections=["up_proj", "down_proj"], capacity_factor=None,
-                         eval_capacity_factor=2.0, router_z_loss_coef=0.001, moe_backend="loop")
-    config.save_pretrained(tmp_path)
-    loaded = AutoConfig.from_pretrained(tmp_path)
-    for field in ("num_experts", "moe_projections", "moe_layers", "capacity_factor", "eval_capacity_factor",
-                  "min_capacity", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "moe_backend"):
-        assert getattr(loaded, field) == getattr(config, field), field
