@@ -292,13 +292,12 @@ class ParameterNetLlamaDecoderLayer(GradientCheckpointingLayer):
 
 @dataclass
 class ParameterNetModelOutputWithPast(BaseModelOutputWithPast):
-    """LLaMA's base output plus the routing: losses (means over routed linears), per-linear load [R, E] and
-    dropped share [R], and, if asked, each routed linear's router logits [T, E]."""
+    """LLaMA's base output plus the routing: the router losses (means over routed linears), every routed
+    linear's `RouterOutput` in the order of the forward, and, if asked, its router logits [T, E]."""
 
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    expert_load: torch.Tensor | None = None
-    dropped_fraction: torch.Tensor | None = None
+    routing: tuple[RouterOutput, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
@@ -309,8 +308,7 @@ class ParameterNetCausalLMOutputWithPast(CausalLMOutputWithPast):
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    expert_load: torch.Tensor | None = None
-    dropped_fraction: torch.Tensor | None = None
+    routing: tuple[RouterOutput, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
@@ -320,8 +318,7 @@ class ParameterNetSequenceClassifierOutputWithPast(SequenceClassifierOutputWithP
 
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-    expert_load: torch.Tensor | None = None
-    dropped_fraction: torch.Tensor | None = None
+    routing: tuple[RouterOutput, ...] | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
 
 
@@ -350,11 +347,10 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         return {name: module for name, module in self.named_modules() if isinstance(module, RoutedLinear)}
 
     def routing_stats(self, outputs) -> dict[str, dict[str, torch.Tensor]]:
-        """Per routed linear, from the `outputs` of a forward: `load` [E] (share of valid tokens per expert,
-        1/E each when balanced) and `dropped` (share of valid tokens dropped by capacity)."""
-        names = list(self.routed_linears())
-        return {name: {"load": outputs.expert_load[i], "dropped": outputs.dropped_fraction[i]}
-                for i, name in enumerate(names)}
+        """Per routed linear, from the `routing` of a forward's `outputs`: `load` [E] (share of valid tokens per
+        expert, 1/E each when balanced) and `dropped` (share of valid tokens dropped by capacity)."""
+        _, _, loads, dropped = routing_summary(list(outputs.routing))
+        return {name: {"load": loads[i], "dropped": dropped[i]} for i, name in enumerate(self.routed_linears())}
 
     def with_router_losses(self, loss: torch.Tensor | None, outputs) -> torch.Tensor | None:
         """`loss` plus the router losses of `outputs`, weighted by the config's coefficients."""
@@ -423,15 +419,13 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
         outputs = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   inputs_embeds=inputs_embeds, use_cache=use_cache, routing_mask=routing_mask,
                                   output_routing=True, return_dict=True, **kwargs)
-        routings = list(outputs["routing"])
-        aux_loss, z_loss, expert_load, dropped_fraction = routing_summary(routings)
+        routing = tuple(outputs["routing"])
+        aux_loss, z_loss, _, _ = routing_summary(list(routing))
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        router_logits = tuple(routing.logits for routing in routings) if output_router_logits else None
-        return ParameterNetModelOutputWithPast(
-            **{key: value for key, value in outputs.items() if key != "routing"}, aux_loss=aux_loss.mean(), z_loss=z_loss.mean(), expert_load=expert_load,
-            dropped_fraction=dropped_fraction, router_logits=router_logits,
-        )
+        router_logits = tuple(decision.logits for decision in routing) if output_router_logits else None
+        return ParameterNetModelOutputWithPast(**outputs, aux_loss=aux_loss.mean(), z_loss=z_loss.mean(),
+                                               router_logits=router_logits)
 
 
 def routing_fields(outputs: ParameterNetModelOutputWithPast) -> dict:

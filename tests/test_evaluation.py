@@ -165,7 +165,7 @@ def test_sequence_classification_loss_adds_router_losses():
     ids = torch.randint(3, 90, (2, 6))
     labels = torch.tensor([0, 2])
     out = model(input_ids=ids, labels=labels)
-    assert out.aux_loss.requires_grad and out.expert_load.shape == (2, 4)
+    assert out.aux_loss.requires_grad and len(model.routing_stats(out)) == 2
     expected = torch.nn.functional.cross_entropy(out.logits, labels) + 0.01 * out.aux_loss + 0.1 * out.z_loss
     torch.testing.assert_close(out.loss, expected)
 

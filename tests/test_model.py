@@ -9,7 +9,12 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
     router_z_loss_func,
 )
 
-from parameternet_llm import ParameterNetLlamaForCausalLM, ParameterNetLlamaModel, RoutedLinear
+from parameternet_llm import (
+    ParameterNetLlamaForCausalLM,
+    ParameterNetLlamaForSequenceClassification,
+    ParameterNetLlamaModel,
+    RoutedLinear,
+)
 from parameternet_llm.modeling_parameternet_llama import ParameterNetLlamaMLP
 
 ALL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
@@ -152,7 +157,7 @@ def test_base_model_carries_router_losses():
     out = model(torch.randint(3, 90, (2, 5)), output_router_logits=True)
     assert out.last_hidden_state.shape == (2, 5, TINY_SHAPE["hidden_size"])
     assert out.aux_loss.requires_grad and len(out.router_logits) == 2
-    assert out.expert_load.shape == (2, 4) and out.dropped_fraction.shape == (2,)
+    assert len(out.routing) == 2 and out.routing[0].logits.shape == (2 * 5, 4)
     assert isinstance(model(torch.randint(3, 90, (1, 3)), return_dict=False), tuple)
 
 
@@ -176,8 +181,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoint_kwargs):
         out.loss.backward()  # replays the layers: the routing read from `out` must not change
         outputs.append(out)
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
-    for field in ("loss", "aux_loss", "z_loss", "expert_load", "dropped_fraction"):
+    for field in ("loss", "aux_loss", "z_loss"):
         torch.testing.assert_close(outputs[1][field], outputs[0][field], msg=field)
+    for plain, checkpointed in zip(outputs[0].routing, outputs[1].routing, strict=True):
+        torch.testing.assert_close(checkpointed.logits, plain.logits)
+        assert torch.equal(checkpointed.keep, plain.keep)
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
@@ -264,9 +272,13 @@ def test_grouped_model_matches_the_loop_model(projections):
         out.loss.backward()
         results.append((out, {name: p.grad for name, p in model.named_parameters()}))
     (out_a, grads_a), (out_b, grads_b) = results
-    for field in ("logits", "loss", "aux_loss", "z_loss", "expert_load", "dropped_fraction"):
+    for field in ("logits", "loss", "aux_loss", "z_loss"):
         torch.testing.assert_close(out_b[field], out_a[field], rtol=1e-5, atol=1e-5, msg=field)
-    assert out_b.dropped_fraction.max() > 0  # capacity dropped some tokens
+    stats_a, stats_b = reference.routing_stats(out_a), grouped.routing_stats(out_b)
+    assert stats_a.keys() == stats_b.keys()
+    for name in stats_a:
+        torch.testing.assert_close(stats_b[name], stats_a[name], msg=name)
+    assert max(stats["dropped"] for stats in stats_b.values()) > 0  # capacity dropped some tokens
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-5, msg=name)
 
@@ -280,16 +292,19 @@ def test_model_compiles_into_one_graph_for_training_and_eval(dtype):
     model = ParameterNetLlamaForCausalLM(config).to(dtype)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     ids = torch.randint(3, TINY_SHAPE["vocab_size"], (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 8:] = 0  # padding: not routed
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, **tolerance)
+        torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, **tolerance)
     model.train()
     results = []
     for run in (compiled, model):
         model.zero_grad()
         torch.manual_seed(3)  # the same jitter
-        out = run(input_ids=ids, labels=ids)
+        out = run(input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
         results.append((out.loss, out.aux_loss, [p.grad.clone() for p in model.parameters()]))
     (loss, aux, grads), (eager_loss, eager_aux, eager_grads) = results
@@ -297,3 +312,22 @@ def test_model_compiles_into_one_graph_for_training_and_eval(dtype):
     torch.testing.assert_close(aux, eager_aux, **tolerance)
     for grad, eager_grad in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad.float(), eager_grad.float(), **tolerance)
+
+
+def test_hf_trainer_fine_tunes_the_classifier_with_its_default_column_filter(tmp_path):
+    """HF Trainer keeps only the dataset columns that the model's forward names (remove_unused_columns=True):
+    input_ids, attention_mask and labels must be among them."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = ParameterNetLlamaForSequenceClassification(tiny_config(num_labels=2))
+    ids = torch.randint(3, TINY_SHAPE["vocab_size"], (16, 8))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                              "labels": (ids[:, 0] % 2).tolist(), "text": ["unused"] * 16})
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
+                                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    assert arguments.remove_unused_columns
+    before = model.score.weight.clone()
+    result = Trainer(model=model, args=arguments, train_dataset=data).train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.score.weight, before)
