@@ -2,6 +2,8 @@
 
 from transformers import LlamaConfig
 
+from .presets import is_parameternet
+
 PROJECTION_SHAPES = {
     "gate_proj": ("hidden_size", "intermediate_size"),
     "up_proj": ("hidden_size", "intermediate_size"),
@@ -14,8 +16,7 @@ def _projection_parameters(config: LlamaConfig, layer_idx: int, projection: str)
     in_name, out_name = PROJECTION_SHAPES[projection]
     in_features, out_features = getattr(config, in_name), getattr(config, out_name)
     expert = in_features * out_features + (out_features if config.mlp_bias else 0)
-    is_routed = getattr(config, "is_routed", None)
-    if is_routed is None or not is_routed(layer_idx, projection):
+    if not is_parameternet(config) or not config.is_routed(layer_idx, projection):
         return expert, expert
     router = config.num_experts * in_features
     return config.num_experts * expert + router, expert + router

@@ -5,7 +5,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, LlamaConfig
 
@@ -13,25 +12,14 @@ from .accounting import count_parameters, flops_per_token
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
 from .presets import MODEL_SHAPES, table7_configs
 from .errors import InputError
-from .recipe import RecipeError, load_recipe, model_config
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`key=value` pairs, each value read as YAML (`8`, `null`, `[gate_proj, up_proj]`)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: override {pair!r} is not of the form key=value")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
+from .training.recipe import RecipeError, apply_overrides, load_recipe, model_config
 
 
 def load_config(target: str, overrides: list[str]) -> LlamaConfig:
     """A config from a model-shape name, a checkpoint directory, a config.json or a recipe."""
     if target in MODEL_SHAPES:
         try:
-            return ParameterNetLlamaConfig(**{**MODEL_SHAPES[target], **parse_overrides(overrides)})
+            return ParameterNetLlamaConfig(**apply_overrides(MODEL_SHAPES[target], overrides))
         except (ValueError, StrictDataclassError) as error:
             raise RecipeError(str(error)) from error
     path = Path(target)
@@ -41,8 +29,7 @@ def load_config(target: str, overrides: list[str]) -> LlamaConfig:
         recipe = load_recipe(path, overrides)
         vocab = (recipe["tokenizer"]["train"] or {}).get("vocab_size")
         return model_config(recipe["model"], recipe["data"]["seq_len"], {"vocab_size": vocab} if vocab else None)
-    config_dict = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    config_dict.update(parse_overrides(overrides))
+    config_dict = apply_overrides(json.loads((path / "config.json" if path.is_dir() else path).read_text()), overrides)
     if config_dict.get("model_type") == ParameterNetLlamaConfig.model_type:
         return ParameterNetLlamaConfig.from_dict(config_dict)
     return AutoConfig.for_model(**config_dict)
@@ -67,22 +54,22 @@ def info(args: argparse.Namespace) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    from .train import run
+    from .training.train import run
 
     summary = run(args.recipe, args.overrides)
     print(json.dumps(summary["final"]))
 
 
 def make_corpus(args: argparse.Namespace) -> None:
-    from .corpus import generate_corpus
+    from .demo.corpus import generate_corpus
 
     path = generate_corpus(args.output, args.num_tokens, args.seed)
     print(json.loads((path / "manifest.json").read_text()))
 
 
 def train_tokenizer_command(args: argparse.Namespace) -> None:
-    from .data import Source, open_source
-    from .tokenizer import train_tokenizer
+    from .training.data import Source, open_source
+    from .training.tokenizer import train_tokenizer
 
     stream = open_source(Source("tokenizer-data", 1.0, files=args.files, text_field=args.text_field))
     texts = (example["text"] for _, example in zip(range(args.max_documents), stream))
@@ -91,7 +78,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate, format_table
+    from .evaluation.harness import evaluate, format_table
 
     tasks = [task for task in args.tasks.split(",") if task]
     rows = evaluate(args.checkpoints, tasks, args.output, args.include_path, args.batch_size, args.limit,
@@ -101,7 +88,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
 
 def finetune_sst2_command(args: argparse.Namespace) -> None:
-    from .sst2 import finetune_sst2
+    from .evaluation.sst2 import finetune_sst2
 
     result = finetune_sst2(args.checkpoint, args.output, args.train_file, args.validation_file, args.epochs,
                            args.max_steps, args.lr, args.batch_size, args.max_length, args.seed)
@@ -110,7 +97,7 @@ def finetune_sst2_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(args.output, args.preset)
 
@@ -160,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.set_defaults(handler=info)
 
     command = commands.add_parser("pretrain", help="pretrain from a recipe in this process "
-                                                   "(accelerate launch -m parameternet_llm.train for several)")
+                                                   "(accelerate launch -m parameternet_llm.training for several)")
     command.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
     command.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
     command.set_defaults(handler=pretrain)
@@ -170,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--tasks", default="arc_easy,boolq,hellaswag",
                          help="comma-separated lm-eval tasks (default: the paper's; offline: "
                               "pnet_arc,pnet_boolq,pnet_hellaswag)")
-    command.add_argument("--include-path", help="extra lm-eval task folder (eval/tasks is always included)")
+    command.add_argument("--include-path", help="extra lm-eval task folder (the offline tasks are always included)")
     command.add_argument("--batch-size", type=int, default=8)
     command.add_argument("--limit", type=int, help="score only the first N documents of each task")
     command.add_argument("--seq-len", type=int, help="context length for FLOPs (default: the model's maximum)")

@@ -1,4 +1,5 @@
-"""Model shapes used by the paper and by this project's runs."""
+"""Model shapes used by the paper and by this project's runs, the paper's Table 7 family, and which models
+and configs are ParameterNet's."""
 
 from transformers import LlamaConfig
 
@@ -28,12 +29,21 @@ CPU_SMALL = dict(
 MODEL_SHAPES = {"llama-1b": LLAMA_1B, "cpu-small": CPU_SMALL}
 
 
+# The rows of the paper's Table 7 by name: the dense model (None), then 4 and 8 experts on each projection.
+TABLE7_ROUTING = {
+    "dense": None,
+    **{f"{projection} x{num_experts}": {"num_experts": num_experts, "moe_projections": [projection]}
+       for projection in MOE_PROJECTIONS for num_experts in (4, 8)},
+}
+
+
 def table7_configs(shape: dict = LLAMA_1B) -> dict[str, LlamaConfig]:
-    """The rows of the paper's Table 7: the dense model, then 4 and 8 experts on each projection."""
-    rows = {"dense": LlamaConfig(**shape)}
-    for projection in MOE_PROJECTIONS:
-        for num_experts in (4, 8):
-            rows[f"{projection} x{num_experts}"] = ParameterNetLlamaConfig(
-                num_experts=num_experts, moe_projections=[projection], **shape
-            )
-    return rows
+    """Table 7's rows as configs of `shape`."""
+    return {name: LlamaConfig(**shape) if routing is None else ParameterNetLlamaConfig(**routing, **shape)
+            for name, routing in TABLE7_ROUTING.items()}
+
+
+def is_parameternet(model_or_config) -> bool:
+    """Whether a model (the package's class or a checkpoint's own copy) or its config is ParameterNet-LLaMA."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", None) == ParameterNetLlamaConfig.model_type

@@ -80,7 +80,7 @@ def test_info_prints_table7_and_single_configs(capsys, tmp_path):
     "argv, message",
     [
         (["info", "llama-1b", "num_experts=0"], "num_experts=0 is invalid"),
-        (["info", "llama-1b", "num_experts"], "key=value"),
+        (["info", "llama-1b", "num_experts"], "dotted.key=value"),
         (["info", "no/such/dir"], "neither a model shape"),
     ],
 )

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from parameternet_llm import demo
+from parameternet_llm.demo import run as demo
 from parameternet_llm.cli import main
 from parameternet_llm.errors import InputError
 

@@ -12,15 +12,15 @@ from conftest import tiny_config
 
 from parameternet_llm import ParameterNetLlamaForCausalLM, ParameterNetLlamaForSequenceClassification
 from parameternet_llm.cli import main
-from parameternet_llm.corpus import SOURCES, World, generate_corpus
+from parameternet_llm.demo.corpus import SOURCES, World, generate_corpus
 from parameternet_llm.errors import InputError
-from parameternet_llm.evaluation import EvalError, evaluate
-from parameternet_llm.sst2 import finetune_sst2
-from parameternet_llm.tasks import CHANCE, TASK_NAMES, generate_task_data
-from parameternet_llm.tokenizer import train_tokenizer
+from parameternet_llm.evaluation.harness import OFFLINE_TASKS_DIR, EvalError, evaluate
+from parameternet_llm.evaluation.sst2 import finetune_sst2
+from parameternet_llm.evaluation.offline_tasks import CHANCE, TASK_NAMES, generate_task_data
+from parameternet_llm.training.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS_DIR = REPO / "eval" / "tasks"
+TASKS_DIR = OFFLINE_TASKS_DIR
 OFFLINE = list(TASK_NAMES)
 
 
@@ -179,7 +179,7 @@ def test_sst2_needs_data_it_can_read(tmp_path):
 
 def test_pretraining_beats_an_untrained_model_on_an_offline_task(tmp_path):
     """A few minutes of CPU pretraining on the embedded corpus teach what the festivals' next steps are."""
-    from parameternet_llm.train import run
+    from parameternet_llm.training.train import run
 
     recipe = tmp_path / "quick.yaml"
     corpus = tmp_path / "corpus"

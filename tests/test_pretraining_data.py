@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from parameternet_llm.data import (
+from parameternet_llm.training.data import (
     DataError,
     PackedBlocks,
     Source,

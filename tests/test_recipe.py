@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from parameternet_llm.accounting import count_parameters
-from parameternet_llm.recipe import RecipeError, load_recipe, model_config
+from parameternet_llm.training.recipe import RecipeError, load_recipe, model_config
 
 REPO = Path(__file__).resolve().parents[1]
 

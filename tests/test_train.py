@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from parameternet_llm.corpus import generate_corpus
+from parameternet_llm.demo.corpus import generate_corpus
 from parameternet_llm.errors import InputError
-from parameternet_llm.recipe import load_recipe
-from parameternet_llm.train import Trainer, checkpoints, run
+from parameternet_llm.training.recipe import load_recipe
+from parameternet_llm.training.train import Trainer, checkpoints, run
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"step", "loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu",
@@ -56,7 +56,7 @@ def read_metrics(output_dir: Path) -> list[dict]:
 
 
 def command(recipe, *overrides):
-    return [sys.executable, "-m", "parameternet_llm.train", "--config", str(recipe), *overrides]
+    return [sys.executable, "-m", "parameternet_llm.training", "--config", str(recipe), *overrides]
 
 
 def test_tiny_recipe_logs_checkpoints_and_saves_a_loadable_model(small_world, tmp_path):
@@ -138,7 +138,7 @@ def test_two_processes_train_and_agree(small_world, tmp_path):
     out = tmp_path / "ddp"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "parameternet_llm.train", "--config", str(recipes["tiny"]), f"output_dir={out}", "train.max_steps=4"]
+              "-m", "parameternet_llm.training", "--config", str(recipes["tiny"]), f"output_dir={out}", "train.max_steps=4"]
     # A session of its own, so that a hang kills the ranks with the launcher and fails in minutes.
     process = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from datasets import IterableDataset, concatenate_datasets, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
-from .errors import InputError
+from ..errors import InputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -166,6 +166,17 @@ class PretrainingData:
 def open_sources(source_specs: list[dict]) -> list[tuple[Source, IterableDataset]]:
     sources = [Source.from_recipe(spec) for spec in source_specs]
     return [(source, open_source(source)) for source in sources]
+
+
+def open_recipe_sources(data_section: dict) -> list[tuple[Source, IterableDataset]]:
+    """A recipe's `data.sources`, opened; first the embedded corpus is generated where `data.corpus` asks for it
+    (a no-op when it exists)."""
+    corpus = data_section["corpus"]
+    if corpus is not None:
+        from ..demo.corpus import DEFAULT_NUM_TOKENS, generate_corpus
+
+        generate_corpus(corpus["path"], corpus.get("num_tokens", DEFAULT_NUM_TOKENS), corpus.get("seed", 0))
+    return open_sources(data_section["sources"])
 
 
 def training_documents(opened: list[tuple[Source, IterableDataset]], seed: int, validation_documents: int,

@@ -11,7 +11,7 @@ from datasets import load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 from transformers.optimization import get_linear_schedule_with_warmup
 
-from .errors import InputError
+from ..errors import InputError
 
 HUB_DATASET = "stanfordnlp/sst2"
 FILE_FORMATS = {".tsv": ("csv", {"delimiter": "\t"}), ".csv": ("csv", {}), ".jsonl": ("json", {}),

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from .accounting import count_parameters, flops_per_token
-from .errors import InputError
+from ..accounting import count_parameters, flops_per_token
+from ..errors import InputError
 
 # The paper's zero-shot tasks (Table 7) by their lm-eval names; SST-2 is fine-tuned instead.
 PAPER_TASKS = ("arc_easy", "boolq", "hellaswag")
-# The offline tasks about the embedded corpus's world, in eval/tasks of a source checkout.
-OFFLINE_TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+# The offline tasks about the embedded corpus's world: lm-eval task folders shipped with the package.
+OFFLINE_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 class EvalError(InputError):

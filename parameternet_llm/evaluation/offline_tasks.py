@@ -1,14 +1,14 @@
 """Zero-shot tasks about the embedded corpus's world, shaped like the paper's ARC-Easy, BoolQ and HellaSwag.
 
 The questions ask for facts the corpus states, worded in ways the corpus never uses. The task data is
-generated from `World.generate(seed)` and written as JSONL beside lm-eval task YAMLs in `eval/tasks/`.
+generated from `World.generate(seed)` and written as JSONL beside the lm-eval task YAMLs in `tasks/`.
 """
 
 import json
 import random
 from pathlib import Path
 
-from .corpus import World
+from ..demo.corpus import World
 
 TASK_NAMES = ("pnet_arc", "pnet_boolq", "pnet_hellaswag")
 CHANCE = {"pnet_arc": 0.25, "pnet_boolq": 0.5, "pnet_hellaswag": 0.25}

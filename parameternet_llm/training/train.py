@@ -1,4 +1,4 @@
-"""Pretraining with accelerate: `accelerate launch -m parameternet_llm.train --config RECIPE [key=value ...]`.
+"""Pretraining with accelerate: `accelerate launch -m parameternet_llm.training --config RECIPE [key=value ...]`.
 
 One CPU, one GPU or many GPUs and nodes: the process layout, DDP / FSDP / DeepSpeed and mixed
 precision come from accelerate's config (see recipes/accelerate/). Each logging step appends a JSON
@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from .accounting import flops_per_token
-from .corpus import generate_corpus
-from .data import build_pretraining_data, open_sources, training_documents
-from .errors import InputError
+from ..accounting import flops_per_token
+from .data import build_pretraining_data, open_recipe_sources, training_documents
+from ..errors import InputError
+from ..presets import is_parameternet
 from .recipe import RecipeError, load_recipe, model_config
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
@@ -106,10 +106,7 @@ class Trainer:
         set_seed(train["seed"])
         accelerator = self.accelerator
         with accelerator.main_process_first():
-            if data["corpus"] is not None:
-                corpus = data["corpus"]
-                generate_corpus(corpus["path"], corpus.get("num_tokens", 3_000_000), corpus.get("seed", 0))
-            opened = open_sources(data["sources"])
+            opened = open_recipe_sources(data)
             self.tokenizer = prepare_tokenizer(recipe, opened)
         tokenizer_ids = {"vocab_size": len(self.tokenizer), "bos_token_id": self.tokenizer.bos_token_id,
                          "eos_token_id": self.tokenizer.eos_token_id}
@@ -193,7 +190,7 @@ class Trainer:
             keep_logged_steps_up_to(metrics_path, self.step)
         batches = iter(torch.utils.data.DataLoader(self.data.train, batch_size=train["micro_batch_size"]))
         unwrapped = accelerator.unwrap_model(self.model)
-        routed = hasattr(unwrapped, "routing_stats")
+        routed = is_parameternet(unwrapped)
         peak = peak_flops(accelerator.device)
         progress = tqdm(total=train["max_steps"], initial=self.step, desc="pretrain", dynamic_ncols=True,
                         disable=not (accelerator.is_main_process and train["progress_bar"]))
@@ -345,7 +342,7 @@ def run(recipe_path: str, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m parameternet_llm.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m parameternet_llm.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
@@ -355,6 +352,3 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as error:  # names the culprit; no traceback needed
         raise SystemExit(f"error: {error}") from None
 
-
-if __name__ == "__main__":
-    main()

@@ -15,8 +15,8 @@ import yaml
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig
 
-from .configuration_parameternet_llama import ParameterNetLlamaConfig
-from .errors import InputError
+from ..configuration_parameternet_llama import ParameterNetLlamaConfig
+from ..errors import InputError
 
 # Values that may be null are marked by None defaults; their type is not checked.
 DEFAULTS: dict[str, Any] = {
@@ -124,6 +124,7 @@ def parse_override(pair: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """A copy of `raw` with every `dotted.key=value` override set in it."""
     raw = copy.deepcopy(raw)
     for pair in overrides:
         keys, value = parse_override(pair)
