@@ -107,24 +107,43 @@ def main() -> None:
     ms = {name: {key: 1e3 * s / args.rounds for key, s in timer.seconds.items()} for name, timer in timers.items()}
     calls = {name: {key: n // args.rounds for key, n in timer.calls.items()} for name, timer in timers.items()}
     totals = {name: sum(values.values()) for name, values in ms.items()}
-    keys = sorted(set(ms["dense"]) | set(ms["parameternet"]),
-                  key=lambda key: -abs(ms["parameternet"].get(key, 0.0) - ms["dense"].get(key, 0.0)))[:args.top]
+    keys = sorted(
+        set(ms["dense"]) | set(ms["parameternet"]),
+        key=lambda key: -abs(ms["parameternet"].get(key, 0.0) - ms["dense"].get(key, 0.0)),
+    )[: args.top]
     timing = "torch.profiler self times" if profiled else "dispatch-mode wall times"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"ops of one training step ({shape}, batch {args.batch_size} x {seq_len}, 8 experts on gate+up+down, "
-          f"fused AdamW, {dtype}), ms per step over {args.rounds} rounds, {timing}, {where}")
+    print(
+        f"ops of one training step ({shape}, batch {args.batch_size} x {seq_len}, 8 experts on gate+up+down, "
+        f"fused AdamW, {dtype}), ms per step over {args.rounds} rounds, {timing}, {where}"
+    )
     print("| op | dense ms (calls) | ParameterNet ms (calls) | difference |")
     print("|---|---|---|---|")
     for key in keys:
         dense, routed = ms["dense"].get(key, 0.0), ms["parameternet"].get(key, 0.0)
-        print(f"| {key} | {dense:.2f} ({calls['dense'].get(key, 0)}) | {routed:.2f} "
-              f"({calls['parameternet'].get(key, 0)}) | {routed - dense:+.2f} |")
-    print(f"| all ops | {totals['dense']:.1f} | {totals['parameternet']:.1f} | "
-          f"{totals['parameternet'] - totals['dense']:+.1f} |")
-    print(json.dumps({"breakdown": "train", "device": where, "timing": timing, "shape": shape,
-                      "batch": [args.batch_size, seq_len], "warmup": args.warmup,
-                      "rounds": args.rounds, "ms_per_step": totals,
-                      "ops": {key: [ms["dense"].get(key, 0.0), ms["parameternet"].get(key, 0.0)] for key in keys}}))
+        print(
+            f"| {key} | {dense:.2f} ({calls['dense'].get(key, 0)}) | {routed:.2f} "
+            f"({calls['parameternet'].get(key, 0)}) | {routed - dense:+.2f} |"
+        )
+    print(
+        f"| all ops | {totals['dense']:.1f} | {totals['parameternet']:.1f} | "
+        f"{totals['parameternet'] - totals['dense']:+.1f} |"
+    )
+    print(
+        json.dumps(
+            {
+                "breakdown": "train",
+                "device": where,
+                "timing": timing,
+                "shape": shape,
+                "batch": [args.batch_size, seq_len],
+                "warmup": args.warmup,
+                "rounds": args.rounds,
+                "ms_per_step": totals,
+                "ops": {key: [ms["dense"].get(key, 0.0), ms["parameternet"].get(key, 0.0)] for key in keys},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from . import modeling_parameternet_llama
 from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
 from .kernels import reference_only
-from . import modeling_parameternet_llama
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM, RoutedLinear
 from .presets import MODEL_SHAPES
 
 REFERENCE = "parameternet, reference path"
+
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
@@ -30,8 +31,11 @@ def device_and_dtype() -> tuple[torch.device, torch.dtype]:
 
 def describe_device(device: torch.device) -> str:
     """The device, torch, and which plug-in the expert products run there."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    )
     kernel = modeling_parameternet_llama.plugin("expert_products", device)
     return f"{name}, torch {torch.__version__}, expert-products plug-in: {'none' if kernel is None else kernel}"
 
@@ -55,8 +59,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(functions: dict[str, Callable[[], None]], device: torch.device, warmup: int,
-                      repeats: int) -> dict[str, list[float]]:
+def interleaved_times(
+    functions: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
     """Seconds of each function per round, the functions timed in alternation within each round."""
     for function in functions.values():
         for _ in range(warmup):
@@ -79,7 +84,7 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
     """Median over rounds of the two functions' time ratio: unlike the ratio of medians, it holds when
     the machine's speed drifts between rounds (as shared CPUs' does)."""
-    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
 
 
 def report(title: str, rows: list[tuple[str, str, str]], result: dict) -> dict:
@@ -93,22 +98,30 @@ def report(title: str, rows: list[tuple[str, str, str]], result: dict) -> dict:
     return result
 
 
-def bench_layer(tokens: int = 16384, in_features: int = 2048, out_features: int = 8192, num_experts: int = 8,
-                backends: tuple[str, ...] = ("auto",), capacity_factor: float | None = None, warmup: int = 3,
-                repeats: int = 20) -> dict:
+def bench_layer(
+    tokens: int = 16384,
+    in_features: int = 2048,
+    out_features: int = 8192,
+    num_experts: int = 8,
+    backends: tuple[str, ...] = ("auto",),
+    capacity_factor: float | None = None,
+    warmup: int = 3,
+    repeats: int = 20,
+) -> dict:
     """One routed linear, forward + backward, against nn.Linear of the same shape."""
     device, dtype = device_and_dtype()
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, out_features, device=device, dtype=dtype)
     layers = {"dense": torch.nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)}
     for backend in backends:
-        layers[backend] = RoutedLinear(in_features, out_features, num_experts, capacity_factor=capacity_factor,
-                                       backend=backend).to(device, dtype).train()
+        config = ParameterNetLlamaConfig(num_experts=num_experts, capacity_factor=capacity_factor, moe_backend=backend)
+        layers[backend] = RoutedLinear(config, in_features, out_features).to(device, dtype).train()
 
     def step(layer):
         def run():
             out = layer(x)
             (out[0] if isinstance(layer, RoutedLinear) else out).backward(grad)
+
         return run
 
     functions = {name: step(layer) for name, layer in layers.items()}
@@ -123,18 +136,27 @@ def bench_layer(tokens: int = 16384, in_features: int = 2048, out_features: int 
         f"routed linear fwd+bwd: {tokens} tokens, {in_features}->{out_features}, {num_experts} experts, "
         f"capacity {capacity_factor}, {dtype}, {describe_device(device)}",
         rows,
-        {"bench": "layer", "device": describe_device(device), "dtype": str(dtype), "tokens": tokens,
-         "in": in_features, "out": out_features, "experts": num_experts,
-         "ms": {name: 1e3 * s for name, s in seconds.items()}, "ratio": seconds[backends[0]] / dense,
-         "paired_ratio": paired_ratio(times, backends[0], "dense")},
+        {
+            "bench": "layer",
+            "device": describe_device(device),
+            "dtype": str(dtype),
+            "tokens": tokens,
+            "in": in_features,
+            "out": out_features,
+            "experts": num_experts,
+            "ms": {name: 1e3 * s for name, s in seconds.items()},
+            "ratio": seconds[backends[0]] / dense,
+            "paired_ratio": paired_ratio(times, backends[0], "dense"),
+        },
     )
 
 
 def twin_configs(shape: str, num_experts: int, projections: list[str], backend: str, seq_len: int):
     fields = {**MODEL_SHAPES[shape], "max_position_embeddings": max(seq_len, 2048)}
     dense = LlamaConfig(**fields)
-    routed = ParameterNetLlamaConfig(**fields, num_experts=num_experts, moe_projections=projections,
-                                     moe_backend=backend)
+    routed = ParameterNetLlamaConfig(
+        **fields, num_experts=num_experts, moe_projections=projections, moe_backend=backend
+    )
     return dense, routed
 
 
@@ -142,8 +164,10 @@ def twin_models(dense_config, routed_config, device: torch.device, dtype: torch.
     """The dense LLaMA and its ParameterNet twin, created on `device` (a CPU init of LLaMA-1B with 8 experts
     takes minutes) in `dtype`."""
     models = {}
-    for name, model_class, config in (("dense", LlamaForCausalLM, dense_config),
-                                      ("parameternet", ParameterNetLlamaForCausalLM, routed_config)):
+    for name, model_class, config in (
+        ("dense", LlamaForCausalLM, dense_config),
+        ("parameternet", ParameterNetLlamaForCausalLM, routed_config),
+    ):
         with device:
             models[name] = model_class(config).to(dtype)
     return models
@@ -168,61 +192,104 @@ def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int)
 
     def run():
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+            )
 
     return run
 
 
-def bench_train(shape: str = "cpu-small", batch_size: int = 8, seq_len: int = 256, num_experts: int = 8,
-                projections: tuple[str, ...] = MOE_PROJECTIONS, backend: str = "auto",
-                warmup: int = 2, repeats: int = 6) -> dict:
+def bench_train(
+    shape: str = "cpu-small",
+    batch_size: int = 8,
+    seq_len: int = 256,
+    num_experts: int = 8,
+    projections: tuple[str, ...] = MOE_PROJECTIONS,
+    backend: str = "auto",
+    warmup: int = 2,
+    repeats: int = 6,
+) -> dict:
     """Training-step throughput (forward, backward, AdamW) of ParameterNet against its dense twin."""
     device, dtype = device_and_dtype()
     dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend, seq_len)
     ids = torch.randint(0, dense_config.vocab_size, (batch_size, seq_len), device=device)
-    steps = {name: training_step(model, ids)
-             for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
+    steps = {
+        name: training_step(model, ids)
+        for name, model in twin_models(dense_config, routed_config, device, dtype).items()
+    }
     with_reference_path(steps, "parameternet", device)
     times = interleaved_times(steps, device, warmup, repeats)
     seconds = medians(times)
     tokens = batch_size * seq_len
     throughput = {name: tokens / s for name, s in seconds.items()}
     ratio = throughput["parameternet"] / throughput["dense"]
-    rows = [(name, f"{1e3 * seconds[name]:.1f} ms/step, {throughput[name]:,.0f} tokens/s",
-             f"{throughput[name] / throughput['dense']:.3f}x") for name in seconds]
+    rows = [
+        (
+            name,
+            f"{1e3 * seconds[name]:.1f} ms/step, {throughput[name]:,.0f} tokens/s",
+            f"{throughput[name] / throughput['dense']:.3f}x",
+        )
+        for name in seconds
+    ]
     return report(
         f"training step: {shape}, batch {batch_size} x {seq_len}, {num_experts} experts on {'+'.join(projections)}, "
         f"backend {backend}, {dtype}, {describe_device(device)}",
         rows,
-        {"bench": "train", "device": describe_device(device), "dtype": str(dtype), "shape": shape,
-         "batch": [batch_size, seq_len], "experts": num_experts, "projections": list(projections),
-         "tokens_per_s": throughput, "ratio": ratio, "paired_ratio": paired_ratio(times, "dense", "parameternet")},
+        {
+            "bench": "train",
+            "device": describe_device(device),
+            "dtype": str(dtype),
+            "shape": shape,
+            "batch": [batch_size, seq_len],
+            "experts": num_experts,
+            "projections": list(projections),
+            "tokens_per_s": throughput,
+            "ratio": ratio,
+            "paired_ratio": paired_ratio(times, "dense", "parameternet"),
+        },
     )
 
 
-def bench_decode(shape: str = "cpu-small", prompt_len: int = 32, new_tokens: int = 128, num_experts: int = 8,
-                 projections: tuple[str, ...] = MOE_PROJECTIONS, backend: str = "auto",
-                 warmup: int = 1, repeats: int = 3) -> dict:
+def bench_decode(
+    shape: str = "cpu-small",
+    prompt_len: int = 32,
+    new_tokens: int = 128,
+    num_experts: int = 8,
+    projections: tuple[str, ...] = MOE_PROJECTIONS,
+    backend: str = "auto",
+    warmup: int = 1,
+    repeats: int = 3,
+) -> dict:
     """Batch-1 greedy `generate` latency per new token, ParameterNet against its dense twin."""
     device, dtype = device_and_dtype()
-    dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend,
-                                               prompt_len + new_tokens)
+    dense_config, routed_config = twin_configs(shape, num_experts, list(projections), backend, prompt_len + new_tokens)
     prompt = torch.randint(3, dense_config.vocab_size, (1, prompt_len), device=device)
-    runs = {name: greedy_decode(model, prompt, new_tokens)
-            for name, model in twin_models(dense_config, routed_config, device, dtype).items()}
+    runs = {
+        name: greedy_decode(model, prompt, new_tokens)
+        for name, model in twin_models(dense_config, routed_config, device, dtype).items()
+    }
     with_reference_path(runs, "parameternet", device)
     times = interleaved_times(runs, device, warmup, repeats)
     seconds = medians(times)
     per_token = {name: 1e3 * s / new_tokens for name, s in seconds.items()}
     ratio = per_token["parameternet"] / per_token["dense"]
-    rows = [(name, f"{per_token[name]:.2f} ms/token", f"{per_token[name] / per_token['dense']:.3f}x")
-            for name in per_token]
+    rows = [
+        (name, f"{per_token[name]:.2f} ms/token", f"{per_token[name] / per_token['dense']:.3f}x") for name in per_token
+    ]
     return report(
         f"batch-1 greedy decode: {shape}, prompt {prompt_len}, {new_tokens} new tokens, {num_experts} experts on "
         f"{'+'.join(projections)}, backend {backend}, {dtype}, {describe_device(device)}",
         rows,
-        {"bench": "decode", "device": describe_device(device), "dtype": str(dtype), "shape": shape,
-         "new_tokens": new_tokens, "experts": num_experts, "projections": list(projections),
-         "ms_per_token": per_token, "ratio": ratio, "paired_ratio": paired_ratio(times, "parameternet", "dense")},
+        {
+            "bench": "decode",
+            "device": describe_device(device),
+            "dtype": str(dtype),
+            "shape": shape,
+            "new_tokens": new_tokens,
+            "experts": num_experts,
+            "projections": list(projections),
+            "ms_per_token": per_token,
+            "ratio": ratio,
+            "paired_ratio": paired_ratio(times, "parameternet", "dense"),
+        },
     )

@@ -1,6 +1,7 @@
 """The `parameternet-llm` command line."""
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -10,8 +11,8 @@ from transformers import AutoConfig, LlamaConfig
 
 from .accounting import count_parameters, flops_per_token
 from .configuration_parameternet_llama import ParameterNetLlamaConfig
-from .presets import MODEL_SHAPES, table7_configs
 from .errors import InputError
+from .presets import MODEL_SHAPES, table7_configs
 from .training.recipe import RecipeError, apply_overrides, load_recipe, model_config
 
 
@@ -72,7 +73,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
     from .training.tokenizer import train_tokenizer
 
     stream = open_source(Source("tokenizer-data", 1.0, files=args.files, text_field=args.text_field))
-    texts = (example["text"] for _, example in zip(range(args.max_documents), stream))
+    texts = (example["text"] for example in itertools.islice(stream, args.max_documents))
     tokenizer = train_tokenizer(texts, args.output, args.vocab_size)
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.output}")
 
@@ -81,8 +82,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
     from .evaluation.harness import evaluate, format_table
 
     tasks = [task for task in args.tasks.split(",") if task]
-    rows = evaluate(args.checkpoints, tasks, args.output, args.include_path, args.batch_size, args.limit,
-                    args.seq_len)
+    rows = evaluate(args.checkpoints, tasks, args.output, args.include_path, args.batch_size, args.limit, args.seq_len)
     print(format_table(rows, tasks), end="")
     print(f"wrote {Path(args.output) / 'results.json'} and {Path(args.output) / 'table.md'}")
 
@@ -90,10 +90,22 @@ def evaluate_command(args: argparse.Namespace) -> None:
 def finetune_sst2_command(args: argparse.Namespace) -> None:
     from .evaluation.sst2 import finetune_sst2
 
-    result = finetune_sst2(args.checkpoint, args.output, args.train_file, args.validation_file, args.epochs,
-                           args.max_steps, args.lr, args.batch_size, args.max_length, args.seed)
-    print(f"SST-2 validation accuracy {100 * result['validation_accuracy']:.2f}% "
-          f"({result['validation_examples']} sentences, {result['steps']} steps); saved to {args.output}")
+    result = finetune_sst2(
+        args.checkpoint,
+        args.output,
+        args.train_file,
+        args.validation_file,
+        args.epochs,
+        args.max_steps,
+        args.lr,
+        args.batch_size,
+        args.max_length,
+        args.seed,
+    )
+    print(
+        f"SST-2 validation accuracy {100 * result['validation_accuracy']:.2f}% "
+        f"({result['validation_examples']} sentences, {result['steps']} steps); saved to {args.output}"
+    )
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -113,17 +125,37 @@ def bench_command(args: argparse.Namespace) -> None:
     args.shape = args.shape or ("llama-1b" if gpu else "cpu-small")
     args.seq_len = args.seq_len or (2048 if gpu else 256)
     if args.what == "layer":
-        result = bench.bench_layer(args.tokens, args.in_features, args.out_features, args.experts,
-                                   tuple(args.backends.split(",")), args.capacity_factor, repeats=args.repeats or 20)
+        result = bench.bench_layer(
+            args.tokens,
+            args.in_features,
+            args.out_features,
+            args.experts,
+            tuple(args.backends.split(",")),
+            args.capacity_factor,
+            repeats=args.repeats or 20,
+        )
     elif args.what == "train":
-        result = bench.bench_train(args.shape, args.batch_size, args.seq_len, args.experts, projections, args.backend,
-                                   repeats=args.repeats or 6)
+        result = bench.bench_train(
+            args.shape,
+            args.batch_size,
+            args.seq_len,
+            args.experts,
+            projections,
+            args.backend,
+            repeats=args.repeats or 6,
+        )
     else:
-        result = bench.bench_decode(args.shape, args.prompt_len, args.new_tokens, args.experts, projections,
-                                    args.backend, repeats=args.repeats or 3)
+        result = bench.bench_decode(
+            args.shape,
+            args.prompt_len,
+            args.new_tokens,
+            args.experts,
+            projections,
+            args.backend,
+            repeats=args.repeats or 3,
+        )
     if args.save:
-        record = {**result, "date": datetime.date.today().isoformat(),
-                  "command": shlex.join(args.command_line)}
+        record = {**result, "date": datetime.date.today().isoformat(), "command": shlex.join(args.command_line)}
         with open(args.save, "a") as stream:
             stream.write(json.dumps(record) + "\n")
 
@@ -132,31 +164,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parameternet-llm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    command = commands.add_parser("demo", help="the paper's Table 7 in miniature: corpus, tokenizer, dense and "
-                                                "ParameterNet pretraining, lm-eval scores, report and plots")
+    command = commands.add_parser(
+        "demo",
+        help="the paper's Table 7 in miniature: corpus, tokenizer, dense and "
+        "ParameterNet pretraining, lm-eval scores, report and plots",
+    )
     command.add_argument("--output", default="runs/demo", help="directory for everything the demo writes")
     command.add_argument("--preset", help="cpu (default without a GPU), cpu-table7 or gpu (default with one)")
     command.set_defaults(handler=demo_command)
 
-    command = commands.add_parser("info", help="parameters and FLOPs per token of a model shape, checkpoint, "
-                                               "config.json or recipe")
-    command.add_argument("target", nargs="?", default="llama-1b",
-                         help="model shape name, checkpoint directory, config.json or recipe YAML")
+    command = commands.add_parser(
+        "info", help="parameters and FLOPs per token of a model shape, checkpoint, config.json or recipe"
+    )
+    command.add_argument(
+        "target",
+        nargs="?",
+        default="llama-1b",
+        help="model shape name, checkpoint directory, config.json or recipe YAML",
+    )
     command.add_argument("overrides", nargs="*", help="config fields as key=value (recipe keys as dotted.key=value)")
     command.add_argument("--seq-len", type=int, default=2048, help="context length for attention FLOPs")
     command.set_defaults(handler=info)
 
-    command = commands.add_parser("pretrain", help="pretrain from a recipe in this process "
-                                                   "(accelerate launch -m parameternet_llm.training for several)")
+    command = commands.add_parser(
+        "pretrain",
+        help="pretrain from a recipe in this process (accelerate launch -m parameternet_llm.training for several)",
+    )
     command.add_argument("recipe", help="recipe YAML file, e.g. recipes/tiny.yaml")
     command.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
     command.set_defaults(handler=pretrain)
 
     command = commands.add_parser("eval", help="zero-shot scores with lm-evaluation-harness, Table 7 style")
     command.add_argument("checkpoints", nargs="+", help="HF checkpoint directories (e.g. runs/tiny/final)")
-    command.add_argument("--tasks", default="arc_easy,boolq,hellaswag",
-                         help="comma-separated lm-eval tasks (default: the paper's; offline: "
-                              "pnet_arc,pnet_boolq,pnet_hellaswag)")
+    command.add_argument(
+        "--tasks",
+        default="arc_easy,boolq,hellaswag",
+        help="comma-separated lm-eval tasks (default: the paper's; offline: pnet_arc,pnet_boolq,pnet_hellaswag)",
+    )
     command.add_argument("--include-path", help="extra lm-eval task folder (the offline tasks are always included)")
     command.add_argument("--batch-size", type=int, default=8)
     command.add_argument("--limit", type=int, help="score only the first N documents of each task")
@@ -177,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=finetune_sst2_command)
 
-    command = commands.add_parser("bench", help="speed against the dense twin: one routed linear, a training "
-                                                 "step, or batch-1 decoding")
+    command = commands.add_parser(
+        "bench", help="speed against the dense twin: one routed linear, a training step, or batch-1 decoding"
+    )
     command.add_argument("what", choices=["layer", "train", "decode"])
     command.add_argument("--experts", type=int, default=8)
     command.add_argument("--repeats", type=int, help="timed repeats (median reported)")
@@ -188,11 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--out-features", type=int, default=8192, help="layer: output width")
     command.add_argument("--backends", default="auto", help="layer: comma-separated expert backends to time")
     command.add_argument("--capacity-factor", type=float, help="layer: capacity factor (default dropless)")
-    command.add_argument("--shape", default=None, choices=["cpu-small", "llama-1b"],
-                         help="train/decode: model shape (default llama-1b on a GPU, cpu-small on a CPU)")
+    command.add_argument(
+        "--shape",
+        default=None,
+        choices=["cpu-small", "llama-1b"],
+        help="train/decode: model shape (default llama-1b on a GPU, cpu-small on a CPU)",
+    )
     command.add_argument("--batch-size", type=int, default=8, help="train: sequences per step")
     command.add_argument("--seq-len", type=int, default=None, help="train: tokens per sequence (256 CPU, 2048 GPU)")
-    command.add_argument("--projections", default="gate_proj,up_proj,down_proj", help="train/decode: routed projections")
+    command.add_argument(
+        "--projections", default="gate_proj,up_proj,down_proj", help="train/decode: routed projections"
+    )
     command.add_argument("--backend", default="auto", help="train/decode: expert backend")
     command.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens")
     command.add_argument("--new-tokens", type=int, default=128, help="decode: generated tokens")

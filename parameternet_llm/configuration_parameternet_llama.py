@@ -4,15 +4,17 @@ Copied into every saved checkpoint, so it imports transformers and huggingface_h
 """
 
 from dataclasses import field
-from typing import Literal
+from typing import Literal, get_args
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
-MOE_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MoeProjection = Literal["gate_proj", "up_proj", "down_proj"]
 # How a routed linear runs its experts: "grouped_mm" sorts the tokens by expert for one grouped product, "loop"
 # multiplies expert by expert, "auto" takes grouped_mm wherever the operands allow it.
-MOE_BACKENDS = ("auto", "grouped_mm", "loop")
+MoeBackend = Literal["auto", "grouped_mm", "loop"]
+MOE_PROJECTIONS = get_args(MoeProjection)
+MOE_BACKENDS = get_args(MoeBackend)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_parameternet_llama.ParameterNetLlamaConfig",
@@ -53,9 +55,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
     }
 
     num_experts: int = 4
-    moe_projections: list[Literal["gate_proj", "up_proj", "down_proj"]] | str = field(
-        default_factory=lambda: ["up_proj"]
-    )
+    moe_projections: list[MoeProjection] | str = field(default_factory=lambda: ["up_proj"])
     moe_layers: list[int] | None = None
     capacity_factor: float | int | None = 1.25
     eval_capacity_factor: float | int | None = None
@@ -63,7 +63,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
     router_jitter_noise: float | int = 0.0
-    moe_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
+    moe_backend: MoeBackend = "auto"
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
@@ -77,14 +77,24 @@ class ParameterNetLlamaConfig(LlamaConfig):
         layers = self.moe_layers
         rules = [
             ("num_experts", self.num_experts >= 1, "an int >= 1"),
-            ("moe_projections", len(set(self.moe_projections)) == len(self.moe_projections) > 0,
-             f"a non-empty list of distinct names from {list(MOE_PROJECTIONS)}"),
-            ("moe_layers", layers is None or len(set(layers)) == len(layers) > 0
-             and all(0 <= i < self.num_hidden_layers for i in layers),
-             f"None (every layer) or a non-empty list of distinct layer indices in [0, {self.num_hidden_layers})"),
+            (
+                "moe_projections",
+                len(set(self.moe_projections)) == len(self.moe_projections) > 0,
+                f"a non-empty list of distinct names from {list(MOE_PROJECTIONS)}",
+            ),
+            (
+                "moe_layers",
+                layers is None
+                or len(set(layers)) == len(layers) > 0
+                and all(0 <= i < self.num_hidden_layers for i in layers),
+                f"None (every layer) or a non-empty list of distinct layer indices in [0, {self.num_hidden_layers})",
+            ),
             ("capacity_factor", self.capacity_factor is None or self.capacity_factor > 0, "None (dropless) or > 0"),
-            ("eval_capacity_factor", self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
-             "None (dropless) or > 0"),
+            (
+                "eval_capacity_factor",
+                self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+                "None (dropless) or > 0",
+            ),
             ("min_capacity", self.min_capacity >= 0, "an int >= 0"),
             ("router_aux_loss_coef", self.router_aux_loss_coef >= 0, "a number >= 0"),
             ("router_z_loss_coef", self.router_z_loss_coef >= 0, "a number >= 0"),
@@ -92,7 +102,9 @@ class ParameterNetLlamaConfig(LlamaConfig):
         ]
         for name, holds, expected in rules:
             if not holds:
-                raise ValueError(f"ParameterNetLlamaConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}.")
+                raise ValueError(
+                    f"ParameterNetLlamaConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}."
+                )
 
     def is_routed(self, layer_idx: int, projection: str) -> bool:
         """Whether `projection` of decoder layer `layer_idx` is a routed expert bank."""

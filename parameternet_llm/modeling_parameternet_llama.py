@@ -40,7 +40,7 @@ try:  # transformers installs the hooks that record outputs on first use, which 
 except ImportError:  # older layouts install them the same way, on first use
     maybe_install_capturing_hooks = None
 
-from .configuration_parameternet_llama import MOE_BACKENDS, MOE_PROJECTIONS, ParameterNetLlamaConfig
+from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlamaConfig
 
 logger = logging.get_logger(__name__)
 
@@ -115,16 +115,15 @@ class ParameterNetRouter(nn.Module):
     """Top-1 router with Switch capacity: float32 logits, softmax, the most probable expert, and the valid
     tokens that fit within capacity (the training factor in train mode, the eval factor in eval mode)."""
 
-    def __init__(self, in_features: int, num_experts: int, capacity_factor=None, eval_capacity_factor=None,
-                 min_capacity: int = 4, jitter_noise: float = 0.0):
+    def __init__(self, config: ParameterNetLlamaConfig, in_features: int):
         super().__init__()
-        self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
-        self.min_capacity = min_capacity
-        self.jitter_noise = jitter_noise
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
-        nn.init.normal_(self.weight, std=0.02)
+        self.num_experts = config.num_experts
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.min_capacity = config.min_capacity
+        self.jitter_noise = config.router_jitter_noise
+        self.weight = nn.Parameter(torch.empty(config.num_experts, in_features))
+        nn.init.normal_(self.weight, std=config.initializer_range)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> RouterOutput:
         """`x` [T, in] token rows, `valid` [T] bool."""
@@ -181,32 +180,29 @@ def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class RoutedLinear(nn.Module):
-    """A linear layer made of `num_experts` matrices, each token using the top-1 of a float32 router.
+    """A linear layer made of `config.num_experts` matrices, each token using the top-1 of a float32 router.
 
-    Parameters: `router.weight` [E, in] and `weight` [E, out, in] (and `bias` [E, out] if asked). The output
-    for a token is p * (W_e x + b_e), p the router probability of its expert e; padding and tokens past their
-    expert's capacity get 0.
+    Parameters: `router.weight` [E, in] and `weight` [E, out, in] (and `bias` [E, out] with `config.mlp_bias`).
+    The output for a token is p * (W_e x + b_e), p the router probability of its expert e; padding and tokens
+    past their expert's capacity get 0.
     """
 
-    def __init__(self, in_features: int, out_features: int, num_experts: int, bias: bool = False,
-                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
-                 min_capacity: int = 4, router_jitter_noise: float = 0.0, backend: str = "auto"):
+    def __init__(self, config: ParameterNetLlamaConfig, in_features: int, out_features: int):
         super().__init__()
-        if backend not in MOE_BACKENDS:
-            raise ValueError(f"Unknown expert backend {backend!r}: expected one of {list(MOE_BACKENDS)}.")
         self.in_features = in_features
         self.out_features = out_features
-        self.num_experts = num_experts
-        self.backend = backend
-        self.router = ParameterNetRouter(in_features, num_experts, capacity_factor, eval_capacity_factor,
-                                         min_capacity, router_jitter_noise)
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
-        nn.init.normal_(self.weight, std=0.02)
+        self.num_experts = config.num_experts
+        self.backend = config.moe_backend
+        self.router = ParameterNetRouter(config, in_features)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(config.num_experts, out_features)) if config.mlp_bias else None
+        nn.init.normal_(self.weight, std=config.initializer_range)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"bias={self.bias is not None}, backend={self.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"bias={self.bias is not None}, backend={self.backend}"
+        )
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """`x` [..., in]; `attention_mask` [...] with 1 for real tokens, 0 for padding (None: all real).
@@ -249,15 +245,9 @@ class ParameterNetLlamaMLP(nn.Module):
         for name in MOE_PROJECTIONS:  # in the order of the forward, which is the order routings are recorded in
             in_features, out_features = shapes[name]
             if config.is_routed(layer_idx, name):
-                projection = RoutedLinear(
-                    in_features, out_features, config.num_experts, bias=config.mlp_bias,
-                    capacity_factor=config.capacity_factor, eval_capacity_factor=config.eval_capacity_factor,
-                    min_capacity=config.min_capacity, router_jitter_noise=config.router_jitter_noise,
-                    backend=config.moe_backend,
-                )
+                setattr(self, name, RoutedLinear(config, in_features, out_features))
             else:
-                projection = nn.Linear(in_features, out_features, bias=config.mlp_bias)
-            setattr(self, name, projection)
+                setattr(self, name, nn.Linear(in_features, out_features, bias=config.mlp_bias))
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor, routing_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,7 +316,6 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
     config_class = ParameterNetLlamaConfig
     config: ParameterNetLlamaConfig
     _no_split_modules = ["ParameterNetLlamaDecoderLayer"]
-    # Every router's decision is recorded by transformers' output capture during the forward (`routing`).
     _can_record_outputs = {
         "routing": ParameterNetRouter,
         "hidden_states": ParameterNetLlamaDecoderLayer,
@@ -335,12 +324,10 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, RoutedLinear):
+        if isinstance(module, (RoutedLinear, ParameterNetRouter)):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, ParameterNetRouter):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def routed_linears(self) -> dict[str, RoutedLinear]:
         """Every routed linear by its module name, in the order of the forward."""
@@ -356,7 +343,9 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         """`loss` plus the router losses of `outputs`, weighted by the config's coefficients."""
         if loss is None:
             return None
-        return loss + self.config.router_aux_loss_coef * outputs.aux_loss + self.config.router_z_loss_coef * outputs.z_loss
+        return (
+            loss + self.config.router_aux_loss_coef * outputs.aux_loss + self.config.router_z_loss_coef * outputs.z_loss
+        )
 
     def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, **kwargs):
         """Checkpoint non-reentrantly: a reentrant checkpoint runs the forward without gradients, which would cut
@@ -364,8 +353,9 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         keywords = getattr(gradient_checkpointing_func, "keywords", None) or {}
         if enable and keywords.get("use_reentrant") is not False:
             if keywords.get("use_reentrant"):
-                logger.warning_once("ParameterNet-LLaMA ignores use_reentrant=True: its router losses need "
-                                    "non-reentrant checkpointing.")
+                logger.warning_once(
+                    "ParameterNet-LLaMA ignores use_reentrant=True: its router losses need non-reentrant checkpointing."
+                )
             function = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
             gradient_checkpointing_func = partial(function, **{**keywords, "use_reentrant": False})
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, **kwargs)
@@ -375,8 +365,11 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
         """`PreTrainedModel.from_pretrained` that refuses checkpoints lacking expert or router tensors."""
         model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         routed_names = model.routed_linears()
-        missing = sorted(key for key in loading_info["missing_keys"]
-                         if key.rsplit(".", 1)[0] in routed_names or key.rsplit(".", 2)[0] in routed_names)
+        missing = sorted(
+            key
+            for key in loading_info["missing_keys"]
+            if key.rsplit(".", 1)[0] in routed_names or key.rsplit(".", 2)[0] in routed_names
+        )
         if missing:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
@@ -407,25 +400,40 @@ class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
             maybe_install_capturing_hooks(self)
 
     @can_return_tuple
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
-                use_cache: bool | None = None, output_router_logits: bool | None = None,
-                **kwargs) -> ParameterNetModelOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ParameterNetModelOutputWithPast:
         """LlamaModel.forward; a 2D `attention_mask` also marks the padding that routing skips."""
         routing_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             routing_mask = attention_mask[:, -new_tokens:].bool()
-        outputs = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  inputs_embeds=inputs_embeds, use_cache=use_cache, routing_mask=routing_mask,
-                                  output_routing=True, return_dict=True, **kwargs)
+        # `output_routing` asks transformers' output capture to record every router's decision (`routing`).
+        outputs = super().forward(
+            input_ids,
+            attention_mask,
+            position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            routing_mask=routing_mask,
+            output_routing=True,
+            **kwargs,
+        )
         routing = tuple(outputs["routing"])
         aux_loss, z_loss, _, _ = routing_summary(list(routing))
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         router_logits = tuple(decision.logits for decision in routing) if output_router_logits else None
-        return ParameterNetModelOutputWithPast(**outputs, aux_loss=aux_loss.mean(), z_loss=z_loss.mean(),
-                                               router_logits=router_logits)
+        return ParameterNetModelOutputWithPast(
+            **outputs, aux_loss=aux_loss.mean(), z_loss=z_loss.mean(), router_logits=router_logits
+        )
 
 
 def routing_fields(outputs: ParameterNetModelOutputWithPast) -> dict:
@@ -444,21 +452,29 @@ class ParameterNetLlamaForCausalLM(ParameterNetLlamaPreTrainedModel, LlamaForCau
         self.post_init()
 
     @can_return_tuple
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
-                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, output_router_logits: bool | None = None,
-                **kwargs) -> ParameterNetCausalLMOutputWithPast:
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_router_logits=output_router_logits, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> ParameterNetCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids, attention_mask, position_ids, inputs_embeds, use_cache, output_router_logits, **kwargs
+        )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         lm_loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return ParameterNetCausalLMOutputWithPast(loss=self.with_router_losses(lm_loss, outputs), lm_loss=lm_loss,
-                                                  logits=logits, **routing_fields(outputs))
+        return ParameterNetCausalLMOutputWithPast(
+            loss=self.with_router_losses(lm_loss, outputs), lm_loss=lm_loss, logits=logits, **routing_fields(outputs)
+        )
 
 
 class ParameterNetLlamaForSequenceClassification(ParameterNetLlamaPreTrainedModel):
@@ -473,12 +489,17 @@ class ParameterNetLlamaForSequenceClassification(ParameterNetLlamaPreTrainedMode
         self.post_init()
 
     @can_return_tuple
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, inputs_embeds: torch.FloatTensor | None = None,
-                labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                **kwargs) -> ParameterNetSequenceClassifierOutputWithPast:
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> ParameterNetSequenceClassifierOutputWithPast:
+        outputs = self.model(input_ids, attention_mask, position_ids, inputs_embeds, use_cache, **kwargs)
         logits = self.score(outputs.last_hidden_state)
         batch = logits.shape[0]
         pad_token_id = self.config.pad_token_id
@@ -494,8 +515,9 @@ class ParameterNetLlamaForSequenceClassification(ParameterNetLlamaPreTrainedMode
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        return ParameterNetSequenceClassifierOutputWithPast(loss=self.with_router_losses(loss, outputs),
-                                                            logits=pooled_logits, **routing_fields(outputs))
+        return ParameterNetSequenceClassifierOutputWithPast(
+            loss=self.with_router_losses(loss, outputs), logits=pooled_logits, **routing_fields(outputs)
+        )
 
 
 ParameterNetLlamaModel.register_for_auto_class("AutoModel")

@@ -32,15 +32,20 @@ MODEL_SHAPES = {"llama-1b": LLAMA_1B, "cpu-small": CPU_SMALL}
 # The rows of the paper's Table 7 by name: the dense model (None), then 4 and 8 experts on each projection.
 TABLE7_ROUTING = {
     "dense": None,
-    **{f"{projection} x{num_experts}": {"num_experts": num_experts, "moe_projections": [projection]}
-       for projection in MOE_PROJECTIONS for num_experts in (4, 8)},
+    **{
+        f"{projection} x{num_experts}": {"num_experts": num_experts, "moe_projections": [projection]}
+        for projection in MOE_PROJECTIONS
+        for num_experts in (4, 8)
+    },
 }
 
 
 def table7_configs(shape: dict = LLAMA_1B) -> dict[str, LlamaConfig]:
     """Table 7's rows as configs of `shape`."""
-    return {name: LlamaConfig(**shape) if routing is None else ParameterNetLlamaConfig(**routing, **shape)
-            for name, routing in TABLE7_ROUTING.items()}
+    return {
+        name: LlamaConfig(**shape) if routing is None else ParameterNetLlamaConfig(**routing, **shape)
+        for name, routing in TABLE7_ROUTING.items()
+    }
 
 
 def is_parameternet(model_or_config) -> bool:

@@ -7,7 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from parameternet_llm import ParameterNetLlamaConfig  # noqa: E402
+from parameternet_llm import ParameterNetLlamaConfig, RoutedLinear  # noqa: E402
 from parameternet_llm.kernels import reference_only  # noqa: E402
 
 TINY_SHAPE = dict(
@@ -27,6 +27,11 @@ TINY_SHAPE = dict(
 def tiny_config(**overrides) -> ParameterNetLlamaConfig:
     """A two-layer ParameterNet-LLaMA small enough for exact fp32 checks on a CPU."""
     return ParameterNetLlamaConfig(**{**TINY_SHAPE, **overrides})
+
+
+def routed_linear(in_features: int, out_features: int, **routing) -> RoutedLinear:
+    """A RoutedLinear with the routing fields of `ParameterNetLlamaConfig` given in `routing`."""
+    return RoutedLinear(ParameterNetLlamaConfig(**routing), in_features, out_features)
 
 
 @pytest.fixture(autouse=True)

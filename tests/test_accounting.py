@@ -23,9 +23,13 @@ def test_table7_parameter_counts():
         params = count_parameters(config)
         assert round(params["total"] / 1e9, 2) == TABLE7_PARAMS_B[name.split()[-1]], name
         # One token uses one expert: active parameters are the dense model's plus the routers.
-        routers = 0 if name == "dense" else config.num_experts * (
-            config.intermediate_size if config.moe_projections == ["down_proj"] else config.hidden_size
-        ) * config.num_hidden_layers
+        routers = (
+            0
+            if name == "dense"
+            else config.num_experts
+            * (config.intermediate_size if config.moe_projections == ["down_proj"] else config.hidden_size)
+            * config.num_hidden_layers
+        )
         assert params["active"] == dense["total"] + routers, name
         assert flops_per_token(config, 2048) - flops_per_token(rows["dense"], 2048) == 2 * routers, name
 

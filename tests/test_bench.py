@@ -18,8 +18,9 @@ def last_json_line(text: str) -> dict:
 
 
 def test_layer_bench_times_each_backend_against_nn_linear(capsys):
-    result = bench.bench_layer(tokens=64, in_features=32, out_features=48, num_experts=4,
-                               backends=("loop", "grouped_mm"), warmup=1, repeats=2)
+    result = bench.bench_layer(
+        tokens=64, in_features=32, out_features=48, num_experts=4, backends=("loop", "grouped_mm"), warmup=1, repeats=2
+    )
     printed = last_json_line(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
     assert set(result["ms"]) == {"dense", "loop", "grouped_mm", bench.REFERENCE}
@@ -29,14 +30,18 @@ def test_layer_bench_times_each_backend_against_nn_linear(capsys):
 
 def test_cpu_results_say_which_plug_in_ran():
     assert bench.describe_device(torch.device("cpu")).endswith(
-        "expert-products plug-in: parameternet_llm.expert_products_v1_cpu")
+        "expert-products plug-in: parameternet_llm.expert_products_v1_cpu"
+    )
     with reference_only():
         assert bench.describe_device(torch.device("cpu")).endswith("expert-products plug-in: none")
 
 
 def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
-    monkeypatch.setitem(bench.MODEL_SHAPES, "test", dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                                                         num_hidden_layers=1, vocab_size=64))
+    monkeypatch.setitem(
+        bench.MODEL_SHAPES,
+        "test",
+        dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, vocab_size=64),
+    )
     train = bench.bench_train("test", batch_size=2, seq_len=16, num_experts=4, warmup=1, repeats=2)
     assert train["ratio"] == pytest.approx(train["tokens_per_s"]["parameternet"] / train["tokens_per_s"]["dense"])
     assert set(train["tokens_per_s"]) == {"dense", "parameternet", bench.REFERENCE}
@@ -47,8 +52,24 @@ def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
 
 
 def test_bench_command_saves_the_record(tmp_path, capsys):
-    main(["bench", "layer", "--tokens", "32", "--in-features", "16", "--out-features", "16", "--experts", "2",
-          "--repeats", "1", "--save", str(tmp_path / "results.jsonl")])
+    main(
+        [
+            "bench",
+            "layer",
+            "--tokens",
+            "32",
+            "--in-features",
+            "16",
+            "--out-features",
+            "16",
+            "--experts",
+            "2",
+            "--repeats",
+            "1",
+            "--save",
+            str(tmp_path / "results.jsonl"),
+        ]
+    )
     record = json.loads((tmp_path / "results.jsonl").read_text())
     assert record["bench"] == "layer" and record["command"].startswith("parameternet-llm bench layer")
     assert record == {**last_json_line(capsys.readouterr().out), "date": record["date"], "command": record["command"]}
@@ -67,8 +88,12 @@ def test_op_breakdown_times_each_models_ops_in_one_process(timer, mm):
     torch.profiler (as on a GPU): only ParameterNet's routed linears run the CPU plug-in, and both models'
     other GEMMs run mm."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "op_breakdown.py"
-    run = subprocess.run([sys.executable, str(script), "--batch-size", "1", "--seq-len", "8", "--rounds", "1",
-                          "--top", "1000", *timer], capture_output=True, text=True, cwd=script.parent)
+    run = subprocess.run(
+        [sys.executable, str(script), "--batch-size", "1", "--seq-len", "8", "--rounds", "1", "--top", "1000", *timer],
+        capture_output=True,
+        text=True,
+        cwd=script.parent,
+    )
     assert run.returncode == 0, run.stderr
     record = last_json_line(run.stdout)
     dense_plug_in, routed_plug_in = record["ops"]["parameternet_llm::expert_products_v1_cpu"]

@@ -31,15 +31,21 @@ def checkpoint(tmp_path):
     model.save_pretrained(path)
     ids = torch.randint(3, 90, (2, 7))
     with torch.no_grad():
-        torch.save({"ids": ids, "logits": model(ids).logits, "hidden": model.model(ids).last_hidden_state},
-                   tmp_path / "expected.pt")
+        torch.save(
+            {"ids": ids, "logits": model(ids).logits, "hidden": model.model(ids).last_hidden_state},
+            tmp_path / "expected.pt",
+        )
     return path
 
 
 def test_save_writes_weights_remote_code_and_auto_map(checkpoint):
     files = {p.name for p in checkpoint.iterdir()}
-    assert {"config.json", "model.safetensors", "configuration_parameternet_llama.py",
-            "modeling_parameternet_llama.py"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "configuration_parameternet_llama.py",
+        "modeling_parameternet_llama.py",
+    } <= files
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["model_type"] == "parameternet_llama"
     assert config["auto_map"] == {
@@ -131,17 +137,25 @@ PREVIOUS_RELEASE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("case, plug_in_calls", [
-    ("package absent", "none"),
-    ("package present", "['expert_products_v1_cpu']"),
-    ("package present, checkpoint of the next plug-in version", "none"),
-    ("previous release", "none"),
-])
+@pytest.mark.parametrize(
+    "case, plug_in_calls",
+    [
+        ("package absent", "none"),
+        ("package present", "['expert_products_v1_cpu']"),
+        ("package present, checkpoint of the next plug-in version", "none"),
+        ("previous release", "none"),
+    ],
+)
 def test_checkpoint_loads_and_trains_in_a_clean_process(checkpoint, tmp_path, case, plug_in_calls):
     """The checkpoint's own model files run without the package, with it (and then use its plug-in), with a
     package whose plug-ins are of another version, and beside the previous release."""
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     if case.endswith("next plug-in version"):
         modeling = checkpoint / "modeling_parameternet_llama.py"
         modeling.write_text(modeling.read_text().replace("PLUGIN_VERSION = 1", "PLUGIN_VERSION = 2"))
@@ -152,7 +166,11 @@ def test_checkpoint_loads_and_trains_in_a_clean_process(checkpoint, tmp_path, ca
         env["PYTHONPATH"] = str(package.parent)
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_LOAD, str(checkpoint), str(checkpoint.parent / "expected.pt"), case],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == f"plug-in calls: {plug_in_calls}"
@@ -162,8 +180,10 @@ def test_checkpoint_loads_and_trains_in_a_clean_process(checkpoint, tmp_path, ca
 def test_model_files_import_only_torch_transformers_and_each_other():
     """The two files copied into every checkpoint: no import of the package, at load time or at run time."""
     allowed = {"dataclasses", "functools", "typing", "torch", "transformers", "huggingface_hub"}
-    for path in (Path(modeling_parameternet_llama.__file__),
-                 Path(modeling_parameternet_llama.__file__).with_name("configuration_parameternet_llama.py")):
+    for path in (
+        Path(modeling_parameternet_llama.__file__),
+        Path(modeling_parameternet_llama.__file__).with_name("configuration_parameternet_llama.py"),
+    ):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -173,7 +193,9 @@ def test_model_files_import_only_torch_transformers_and_each_other():
                 if node.level:
                     assert node.module == "configuration_parameternet_llama", (path.name, node.module)
             elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
-                    "import_module", "__import__"):
+                "import_module",
+                "__import__",
+            ):
                 raise AssertionError(f"{path.name} imports at run time")
             else:
                 continue

@@ -56,12 +56,29 @@ def test_is_routed_follows_layers_and_projections():
 
 
 def test_config_round_trips_through_json(tmp_path):
-    config = tiny_config(num_experts=8, moe_projections=["up_proj", "down_proj"], capacity_factor=None,
-                         eval_capacity_factor=2.0, router_z_loss_coef=0.001, moe_backend="loop", moe_layers=[1])
+    config = tiny_config(
+        num_experts=8,
+        moe_projections=["up_proj", "down_proj"],
+        capacity_factor=None,
+        eval_capacity_factor=2.0,
+        router_z_loss_coef=0.001,
+        moe_backend="loop",
+        moe_layers=[1],
+    )
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ParameterNetLlamaConfig)
-    for field in ("num_experts", "moe_projections", "moe_layers", "capacity_factor", "eval_capacity_factor",
-                  "min_capacity", "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "moe_backend"):
+    for field in (
+        "num_experts",
+        "moe_projections",
+        "moe_layers",
+        "capacity_factor",
+        "eval_capacity_factor",
+        "min_capacity",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "router_jitter_noise",
+        "moe_backend",
+    ):
         assert getattr(loaded, field) == getattr(config, field), field
     assert loaded.auto_map["AutoModelForCausalLM"] == "modeling_parameternet_llama.ParameterNetLlamaForCausalLM"

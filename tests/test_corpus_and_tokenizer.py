@@ -16,8 +16,11 @@ def corpus(tmp_path_factory):
 
 
 def read_source(corpus, source):
-    return [json.loads(line)["text"] for path in sorted((corpus / source).glob("*.jsonl"))
-            for line in path.read_text().splitlines()]
+    return [
+        json.loads(line)["text"]
+        for path in sorted((corpus / source).glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
 
 
 def test_corpus_is_deterministic_and_seeded(corpus, tmp_path):
@@ -38,13 +41,16 @@ def test_corpus_size_and_proportions(corpus):
 
 
 def test_sources_look_like_web_encyclopedia_and_latex(corpus):
-    assert all(text.startswith(r"\documentclass{article}") and r"\end{document}" in text
-               for text in read_source(corpus, "arxiv"))
+    assert all(
+        text.startswith(r"\documentclass{article}") and r"\end{document}" in text
+        for text in read_source(corpus, "arxiv")
+    )
     wiki = read_source(corpus, "wiki")
     assert all("\n\n" in text and "See also" in text for text in wiki)
     web = read_source(corpus, "web")
-    assert all(text.splitlines()[0] in ("Home | About | Contact", "Menu  Search  Log in", "Skip to content")
-               for text in web)
+    assert all(
+        text.splitlines()[0] in ("Home | About | Contact", "Menu  Search  Log in", "Skip to content") for text in web
+    )
 
 
 def test_corpus_states_the_worlds_facts(corpus):
@@ -52,11 +58,17 @@ def test_corpus_states_the_worlds_facts(corpus):
     assert json.loads((corpus / "world.json").read_text())["cities"][0]["name"] == world.cities[0].name
     text = "\n".join(t for source in SOURCES for t in read_source(corpus, source))
     for city in world.cities:
-        assert city.river in text and f"{city.name} is famous for its {city.product}" in text or \
-            f"The {city.product} of {city.name}" in text or f"{city.name} has traded in {city.product}" in text
+        assert (
+            city.river in text
+            and f"{city.name} is famous for its {city.product}" in text
+            or f"The {city.product} of {city.name}" in text
+            or f"{city.name} has traded in {city.product}" in text
+        )
     for country in world.countries:
-        assert f"capital of {country.name} is {country.capital}" in text or \
-            f"{country.capital} is the capital of {country.name}" in text
+        assert (
+            f"capital of {country.name} is {country.capital}" in text
+            or f"{country.capital} is the capital of {country.name}" in text
+        )
 
 
 def test_tokenizer_is_llama_style_and_loads_with_autotokenizer(corpus, tmp_path):
@@ -75,8 +87,19 @@ def test_tokenizer_is_llama_style_and_loads_with_autotokenizer(corpus, tmp_path)
 
 def test_cli_makes_corpus_and_trains_tokenizer(tmp_path, capsys):
     main(["make-corpus", "--output", str(tmp_path / "c"), "--num-tokens", "30000", "--seed", "1"])
-    main(["train-tokenizer", "--files", str(tmp_path / "c" / "wiki" / "*.jsonl"), "--output", str(tmp_path / "t"),
-          "--vocab-size", "400", "--max-documents", "300"])
+    main(
+        [
+            "train-tokenizer",
+            "--files",
+            str(tmp_path / "c" / "wiki" / "*.jsonl"),
+            "--output",
+            str(tmp_path / "t"),
+            "--vocab-size",
+            "400",
+            "--max-documents",
+            "300",
+        ]
+    )
     assert "tokenizer to" in capsys.readouterr().out
     assert len(load_tokenizer(tmp_path / "t")) <= 400
 

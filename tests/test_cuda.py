@@ -6,17 +6,23 @@ These need a CUDA device; without one they are reported as skipped with that rea
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import routed_linear, tiny_config
 
-from parameternet_llm import ParameterNetLlamaForCausalLM, RoutedLinear
+from parameternet_llm import ParameterNetLlamaForCausalLM
 from parameternet_llm.modeling_parameternet_llama import grouped_mm_runs, routing_summary
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def cuda_layer(backend, capacity_factor=1.25, in_features=256, out_features=512, num_experts=8, jitter=0.0):
-    layer = RoutedLinear(in_features, out_features, num_experts, capacity_factor=capacity_factor,
-                         router_jitter_noise=jitter, backend=backend)
+    layer = routed_linear(
+        in_features,
+        out_features,
+        num_experts=num_experts,
+        capacity_factor=capacity_factor,
+        router_jitter_noise=jitter,
+        moe_backend=backend,
+    )
     with torch.no_grad():
         layer.router.weight.normal_(std=0.5)
         layer.weight.normal_(std=0.05)
@@ -66,8 +72,9 @@ def test_grouped_mm_training_step_does_not_synchronise():
 
 
 def test_bf16_training_step_and_generation():
-    config = tiny_config(num_experts=8, moe_projections=["gate_proj", "up_proj", "down_proj"],
-                         hidden_size=128, intermediate_size=256)
+    config = tiny_config(
+        num_experts=8, moe_projections=["gate_proj", "up_proj", "down_proj"], hidden_size=128, intermediate_size=256
+    )
     model = ParameterNetLlamaForCausalLM(config).cuda().to(torch.bfloat16)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
@@ -80,4 +87,6 @@ def test_bf16_training_step_and_generation():
     model.eval()
     prompt = ids[:2, :5]
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
+    assert torch.equal(
+        model.generate(prompt, use_cache=True, **kwargs), model.generate(prompt, use_cache=False, **kwargs)
+    )

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from parameternet_llm.demo import run as demo
 from parameternet_llm.cli import main
+from parameternet_llm.demo import run as demo
 from parameternet_llm.errors import InputError
 
 
@@ -14,9 +14,12 @@ def micro_preset(monkeypatch):
     preset = demo.Preset(
         description="micro test preset",
         model=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2),
-        corpus_tokens=120_000, vocab_size=512, seq_len=64,
-        train=dict(max_steps=6, micro_batch_size=4, lr=3e-3, warmup_steps=1, log_every=2, save_every=3,
-                   progress_bar=False),
+        corpus_tokens=120_000,
+        vocab_size=512,
+        seq_len=64,
+        train=dict(
+            max_steps=6, micro_batch_size=4, lr=3e-3, warmup_steps=1, log_every=2, save_every=3, progress_bar=False
+        ),
         variants={"dense": {"dense": True}, "up_proj x4": {"num_experts": 4, "moe_projections": ["up_proj"]}},
     )
     monkeypatch.setitem(demo.PRESETS, "micro", preset)
@@ -30,7 +33,8 @@ def test_demo_writes_the_comparison_and_continues_after_an_interruption(micro_pr
     assert [row["variant"] for row in results["rows"]] == ["dense", "up_proj x4"]
     dense, routed = results["rows"]
     assert routed["params"] > dense["params"] and routed["flops_per_token"] == pytest.approx(
-        dense["flops_per_token"], rel=0.01)
+        dense["flops_per_token"], rel=0.01
+    )
     assert all(row["val_loss"] is not None and 0 <= row["average"] <= 1 for row in results["rows"])
     report = (tmp_path / "report.md").read_text()
     assert "| dense |" in report and "| up_proj-x4 |" in report and "What this run measured" in report

@@ -15,8 +15,8 @@ from parameternet_llm.cli import main
 from parameternet_llm.demo.corpus import SOURCES, World, generate_corpus
 from parameternet_llm.errors import InputError
 from parameternet_llm.evaluation.harness import OFFLINE_TASKS_DIR, EvalError, evaluate
-from parameternet_llm.evaluation.sst2 import finetune_sst2
 from parameternet_llm.evaluation.offline_tasks import CHANCE, TASK_NAMES, generate_task_data
+from parameternet_llm.evaluation.sst2 import finetune_sst2
 from parameternet_llm.training.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +34,12 @@ def test_questions_ask_facts_of_the_world_in_words_the_corpus_never_uses(tmp_pat
     world = World.generate(0)
     tasks = generate_task_data(0)
     corpus = generate_corpus(tmp_path / "corpus", num_tokens=300_000, seed=0)
-    text = "\n".join(json.loads(line)["text"] for source in SOURCES for path in (corpus / source).glob("*.jsonl")
-                     for line in path.read_text().splitlines())
+    text = "\n".join(
+        json.loads(line)["text"]
+        for source in SOURCES
+        for path in (corpus / source).glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    )
     for doc in tasks["pnet_arc"]:
         assert doc["question"] not in text and len(set(doc["choices"])) == 4
     for doc in tasks["pnet_boolq"]:
@@ -69,8 +73,13 @@ def checkpoint(tmp_path_factory):
     corpus = generate_corpus(root / "corpus", num_tokens=60_000, seed=0)
     texts = [json.loads(line)["text"] for line in (corpus / "wiki" / "wiki-000.jsonl").read_text().splitlines()]
     tokenizer = train_tokenizer(texts, root / "tokenizer", vocab_size=512)
-    config = tiny_config(vocab_size=len(tokenizer), num_experts=4, moe_projections=["up_proj", "down_proj"],
-                         max_position_embeddings=256, pad_token_id=None)
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        num_experts=4,
+        moe_projections=["up_proj", "down_proj"],
+        max_position_embeddings=256,
+        pad_token_id=None,
+    )
     path = root / "run" / "final"
     ParameterNetLlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -79,8 +88,19 @@ def checkpoint(tmp_path_factory):
 
 
 def test_eval_command_writes_results_and_table7_layout(checkpoint, tmp_path, capsys):
-    main(["eval", str(checkpoint), str(checkpoint), "--tasks", ",".join(OFFLINE), "--limit", "12",
-          "--output", str(tmp_path / "out")])
+    main(
+        [
+            "eval",
+            str(checkpoint),
+            str(checkpoint),
+            "--tasks",
+            ",".join(OFFLINE),
+            "--limit",
+            "12",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["tasks"] == OFFLINE and len(results["rows"]) == 2
     row = results["rows"][0]
@@ -95,8 +115,10 @@ def test_eval_command_writes_results_and_table7_layout(checkpoint, tmp_path, cap
 
 
 def test_scores_do_not_depend_on_batch_size(checkpoint, tmp_path):
-    scores = [evaluate([str(checkpoint)], OFFLINE, tmp_path / f"b{size}", batch_size=size, limit=16)[0]["lm_eval"]
-              for size in (1, 8)]
+    scores = [
+        evaluate([str(checkpoint)], OFFLINE, tmp_path / f"b{size}", batch_size=size, limit=16)[0]["lm_eval"]
+        for size in (1, 8)
+    ]
     for task in OFFLINE:
         assert scores[0][task]["acc,none"] == scores[1][task]["acc,none"], task
         if "acc_norm,none" in scores[0][task]:
@@ -105,10 +127,29 @@ def test_scores_do_not_depend_on_batch_size(checkpoint, tmp_path):
 
 def test_harness_cli_scores_the_checkpoint_unchanged(checkpoint, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={checkpoint},trust_remote_code=True", "--tasks", "pnet_arc,pnet_boolq",
-         "--include_path", str(TASKS_DIR), "--limit", "8", "--device", "cpu", "--output_path", str(tmp_path / "h")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={checkpoint},trust_remote_code=True",
+            "--tasks",
+            "pnet_arc,pnet_boolq",
+            "--include_path",
+            str(TASKS_DIR),
+            "--limit",
+            "8",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "h"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pnet_arc" in result.stdout and "pnet_boolq" in result.stdout and "acc" in result.stdout
@@ -152,8 +193,9 @@ def write_sentiment(path: Path, count: int, seed: int) -> Path:
 def test_finetune_sst2_learns_a_classifier(checkpoint, tmp_path):
     train = write_sentiment(tmp_path / "train.tsv", 320, 0)
     dev = write_sentiment(tmp_path / "dev.tsv", 80, 1)
-    result = finetune_sst2(str(checkpoint), str(tmp_path / "sst2"), str(train), str(dev), epochs=3, lr=2e-3,
-                           batch_size=16)
+    result = finetune_sst2(
+        str(checkpoint), str(tmp_path / "sst2"), str(train), str(dev), epochs=3, lr=2e-3, batch_size=16
+    )
     assert result["validation_accuracy"] >= 0.85 and result["validation_examples"] == 80
     classifier = ParameterNetLlamaForSequenceClassification.from_pretrained(tmp_path / "sst2")
     assert classifier.config.num_labels == 2
@@ -184,8 +226,8 @@ def test_pretraining_beats_an_untrained_model_on_an_offline_task(tmp_path):
     recipe = tmp_path / "quick.yaml"
     corpus = tmp_path / "corpus"
     recipe.write_text(f"""
-base: {REPO / 'recipes' / 'tiny.yaml'}
-output_dir: {tmp_path / 'trained'}
+base: {REPO / "recipes" / "tiny.yaml"}
+output_dir: {tmp_path / "trained"}
 model: {{hidden_size: 96, intermediate_size: 256, num_hidden_layers: 2, num_attention_heads: 4}}
 data:
   seq_len: 128
@@ -195,7 +237,7 @@ data:
     - {{name: web, weight: 0.682, files: {corpus}/web/*.jsonl}}
     - {{name: wiki, weight: 0.205, files: {corpus}/wiki/*.jsonl}}
     - {{name: arxiv, weight: 0.114, files: {corpus}/arxiv/*.jsonl}}
-tokenizer: {{path: {tmp_path / 'tokenizer'}, train: {{vocab_size: 1024, max_documents: 5000}}}}
+tokenizer: {{path: {tmp_path / "tokenizer"}, train: {{vocab_size: 1024, max_documents: 5000}}}}
 train: {{max_steps: 120, micro_batch_size: 8, warmup_steps: 10, lr: 3.0e-3, log_every: 60, save_every: 120,
          progress_bar: false}}
 eval: {{every: 120, batches: 2}}

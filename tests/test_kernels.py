@@ -5,8 +5,9 @@ import logging
 
 import pytest
 import torch
+from conftest import routed_linear
 
-from parameternet_llm import RoutedLinear, kernels, modeling_parameternet_llama
+from parameternet_llm import kernels, modeling_parameternet_llama
 from parameternet_llm.kernels import cpu, reference_only
 from parameternet_llm.modeling_parameternet_llama import plugin
 
@@ -22,12 +23,13 @@ def test_importing_the_package_registers_the_cpu_plug_in_under_the_name_the_refe
 def test_a_reference_of_another_plug_in_version_runs_its_own_path(monkeypatch):
     """A checkpoint whose model file expects another version of the contract does not find this package's
     plug-ins, and runs the reference path with the same results."""
-    layer = RoutedLinear(32, 48, 8, capacity_factor=1.0)
+    layer = routed_linear(32, 48, num_experts=8, capacity_factor=1.0)
     x = torch.randn(64, 32)
     calls = []
     op = torch.ops.parameternet_llm.expert_products_v1_cpu
-    monkeypatch.setattr(torch.ops.parameternet_llm, "expert_products_v1_cpu",
-                        lambda *operands: calls.append(1) or op(*operands))
+    monkeypatch.setattr(
+        torch.ops.parameternet_llm, "expert_products_v1_cpu", lambda *operands: calls.append(1) or op(*operands)
+    )
     with_plug_in = layer(x)[0]
     assert len(calls) == 1
     monkeypatch.setattr(modeling_parameternet_llama, "PLUGIN_VERSION", 2)
@@ -39,8 +41,10 @@ def test_a_reference_of_another_plug_in_version_runs_its_own_path(monkeypatch):
 def routed_case(tokens, in_features, out_features, num_experts, dtype, skew: bool):
     """A routed linear and its input: capacity drops tokens, or (`skew`) routing is dropless and sends most tokens
     to expert 0 and none to some (a group longer than two 256-row chunks, empty groups)."""
-    layer = RoutedLinear(in_features, out_features, num_experts, capacity_factor=None if skew else 1.0,
-                         min_capacity=1).to(dtype)
+    capacity_factor = None if skew else 1.0
+    layer = routed_linear(
+        in_features, out_features, num_experts=num_experts, capacity_factor=capacity_factor, min_capacity=1
+    ).to(dtype)
     with torch.no_grad():
         layer.router.weight.normal_(std=1.0)
         if skew:
@@ -53,14 +57,18 @@ def routed_case(tokens, in_features, out_features, num_experts, dtype, skew: boo
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,in_features,out_features,num_experts,skew", [
-    (40, 16, 24, 4, False),
-    (300, 48, 32, 8, False),
-    (700, 32, 48, 8, True),
-    (1, 16, 24, 4, False),   # decoding
-])
-def test_plug_in_matches_the_reference_outputs_and_gradients(dtype, tokens, in_features, out_features, num_experts,
-                                                             skew):
+@pytest.mark.parametrize(
+    "tokens,in_features,out_features,num_experts,skew",
+    [
+        (40, 16, 24, 4, False),
+        (300, 48, 32, 8, False),
+        (700, 32, 48, 8, True),
+        (1, 16, 24, 4, False),  # decoding
+    ],
+)
+def test_plug_in_matches_the_reference_outputs_and_gradients(
+    dtype, tokens, in_features, out_features, num_experts, skew
+):
     layer, x, mask = routed_case(tokens, in_features, out_features, num_experts, dtype, skew)
     upstream = torch.randn(tokens, out_features, dtype=dtype)
     results = []
@@ -97,8 +105,12 @@ def test_plug_in_traces_with_fake_tensors():
 
     with FakeTensorMode():
         out = torch.ops.parameternet_llm.expert_products_v1_cpu(
-            torch.randn(6, 4), torch.randn(2, 8, 4), torch.arange(6), torch.tensor([2, 6], dtype=torch.int32),
-            torch.rand(6))
+            torch.randn(6, 4),
+            torch.randn(2, 8, 4),
+            torch.arange(6),
+            torch.tensor([2, 6], dtype=torch.int32),
+            torch.rand(6),
+        )
     assert out.shape == (6, 8)
 
 

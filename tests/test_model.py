@@ -15,7 +15,6 @@ from parameternet_llm import (
     ParameterNetLlamaModel,
     RoutedLinear,
 )
-from parameternet_llm.modeling_parameternet_llama import ParameterNetLlamaMLP
 
 ALL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
@@ -50,7 +49,9 @@ def test_single_expert_dropless_equals_llama(backend):
     ids, mask = padded_batch()
     # Padding is not routed, so only real tokens' logits are comparable to Llama's.
     valid = mask.bool()
-    torch.testing.assert_close(model(ids, attention_mask=mask).logits[valid], llama(ids, attention_mask=mask).logits[valid])
+    torch.testing.assert_close(
+        model(ids, attention_mask=mask).logits[valid], llama(ids, attention_mask=mask).logits[valid]
+    )
     want = llama(ids, labels=ids)
     got = model(ids, labels=ids)
     torch.testing.assert_close(got.logits, want.logits)
@@ -92,7 +93,7 @@ def test_eval_logits_do_not_depend_on_batch_or_padding(projections):
             ids[row, span], mask[row, span] = seq, 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(ids, attention_mask=mask, position_ids=position_ids).logits
-        for row, seq in enumerate(sequences):
+        for row in range(len(sequences)):
             torch.testing.assert_close(logits[row][mask[row].bool()], alone[row], rtol=1e-4, atol=1e-5)
 
 
@@ -297,8 +298,11 @@ def test_model_compiles_into_one_graph_for_training_and_eval(dtype):
     tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits,
-                                   model(input_ids=ids, attention_mask=mask).logits, **tolerance)
+        torch.testing.assert_close(
+            compiled(input_ids=ids, attention_mask=mask).logits,
+            model(input_ids=ids, attention_mask=mask).logits,
+            **tolerance,
+        )
     model.train()
     results = []
     for run in (compiled, model):
@@ -322,10 +326,23 @@ def test_hf_trainer_fine_tunes_the_classifier_with_its_default_column_filter(tmp
 
     model = ParameterNetLlamaForSequenceClassification(tiny_config(num_labels=2))
     ids = torch.randint(3, TINY_SHAPE["vocab_size"], (16, 8))
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                              "labels": (ids[:, 0] % 2).tolist(), "text": ["unused"] * 16})
-    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
-                                  report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    data = Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": (ids[:, 0] % 2).tolist(),
+            "text": ["unused"] * 16,
+        }
+    )
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     assert arguments.remove_unused_columns
     before = model.score.weight.clone()
     result = Trainer(model=model, args=arguments, train_dataset=data).train()

@@ -1,5 +1,6 @@
 """The data pipeline: mixture proportions, packing, per-process shards, resumable stream, clear errors."""
 
+import itertools
 import json
 from collections import Counter
 
@@ -36,8 +37,12 @@ def three_sources(tmp_path):
 
 def test_mixture_follows_the_weights(three_sources):
     opened = open_sources(three_sources)
-    drawn = Counter(doc["text"].split()[0] for _, doc in zip(range(3000), mixture(
-        [stream for _, stream in opened], [s.weight for s, _ in opened], seed=0)))
+    drawn = Counter(
+        doc["text"].split()[0]
+        for doc in itertools.islice(
+            mixture([stream for _, stream in opened], [s.weight for s, _ in opened], seed=0), 3000
+        )
+    )
     total = sum(drawn.values())
     for source in three_sources:
         share = source["weight"] / sum(s["weight"] for s in three_sources)
@@ -49,12 +54,13 @@ def test_mixture_is_seeded(three_sources):
     def first(seed):
         stream = training_documents(open_sources(three_sources), seed, validation_documents=0)
         return [doc["text"] for doc in stream.take(50)]
+
     assert first(1) == first(1) and first(1) != first(2)
 
 
 def test_two_processes_get_disjoint_documents(three_sources):
     opened = open_sources(three_sources)
-    seen = [set(doc["text"] for doc in training_documents(opened, 0, 10, rank, 2).take(300)) for rank in (0, 1)]
+    seen = [{doc["text"] for doc in training_documents(opened, 0, 10, rank, 2).take(300)} for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 300 and not seen[0] & seen[1]
 
 
@@ -97,7 +103,7 @@ def test_resumed_stream_continues_where_it_stopped_across_epochs(tmp_path):
     assert reference.epoch >= 1
     resumed = PackedBlocks(tokens, seq_len=16)
     resumed.load_state_dict(state)
-    got = [block.tolist() for _, block in zip(range(40), resumed)]
+    got = [block.tolist() for block in itertools.islice(resumed, 40)]
     assert got == expected
 
 
@@ -106,7 +112,7 @@ def test_validation_blocks_are_the_same_on_every_process(three_sources, tmp_path
     opened = open_sources(three_sources)
     data = [build_pretraining_data(opened, tokenizer, 32, 0, 20, 6, rank, 2) for rank in (0, 1)]
     assert len(data[0].validation) == 6
-    assert all((a == b).all() for a, b in zip(data[0].validation, data[1].validation))
+    assert all((a == b).all() for a, b in zip(data[0].validation, data[1].validation, strict=True))
     with pytest.raises(DataError, match="validation"):
         build_pretraining_data(opened, tokenizer, 10_000, 0, 1, 2)
 
@@ -131,7 +137,10 @@ def test_wrong_text_field_is_named(tmp_path):
 
 def test_text_and_parquet_files_are_read(tmp_path):
     (tmp_path / "a.txt").write_text("line one\nline two\n")
-    assert [d["text"] for d in open_source(Source("txt", 1.0, files=[str(tmp_path / "a.txt")]))] == ["line one", "line two"]
+    assert [d["text"] for d in open_source(Source("txt", 1.0, files=[str(tmp_path / "a.txt")]))] == [
+        "line one",
+        "line two",
+    ]
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -11,7 +11,9 @@ from parameternet_llm.training.recipe import RecipeError, load_recipe, model_con
 REPO = Path(__file__).resolve().parents[1]
 
 
-RECIPES = sorted(p for p in glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True) if "/accelerate/" not in p)
+RECIPES = sorted(
+    p for p in glob.glob(str(REPO / "recipes" / "**" / "*.yaml"), recursive=True) if "/accelerate/" not in p
+)
 
 
 @pytest.mark.parametrize("path", RECIPES)
@@ -45,7 +47,8 @@ def test_paper_recipes_match_table7():
 def test_tiny_and_its_dense_twin_differ_only_in_the_experts():
     tiny, dense = load_recipe(REPO / "recipes" / "tiny.yaml"), load_recipe(REPO / "recipes" / "tiny-dense.yaml")
     assert {k: v for k, v in tiny.items() if k not in ("model", "output_dir")} == {
-        k: v for k, v in dense.items() if k not in ("model", "output_dir")}
+        k: v for k, v in dense.items() if k not in ("model", "output_dir")
+    }
     shared = {k: v for k, v in tiny["model"].items() if k in dense["model"] and k != "dense"}
     assert shared == {k: v for k, v in dense["model"].items() if k != "dense"}
     assert tiny["model"]["num_experts"] == 4 and dense["model"]["dense"] is True
@@ -54,7 +57,8 @@ def test_tiny_and_its_dense_twin_differ_only_in_the_experts():
 def test_base_merges_mappings_and_replaces_the_rest(tmp_path):
     (tmp_path / "base.yaml").write_text(
         "tokenizer: {path: tok}\ndata: {seq_len: 64, sources: [{name: a, weight: 1, files: a.jsonl}]}\n"
-        "train: {max_steps: 5, lr: 0.1}\n")
+        "train: {max_steps: 5, lr: 0.1}\n"
+    )
     (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {max_steps: 9}\n")
     recipe = load_recipe(tmp_path / "child.yaml", ["train.warmup_steps=1"])
     assert recipe["train"]["max_steps"] == 9 and recipe["train"]["lr"] == 0.1 and recipe["train"]["warmup_steps"] == 1
@@ -74,7 +78,10 @@ def test_a_recipe_cannot_be_its_own_base(tmp_path):
         (["data.sources=[]"], "lists no data source"),
         (["data.sources=[{name: a, weight: 1}]"], "exactly one of 'files' or 'hub'"),
         (["data.sources=[{name: a, weight: -1, files: x}]"], "weight ('a') must be a number > 0"),
-        (["data.sources=[{name: a, weight: 1, hub: {path: x, nmae: y}}]"], "unknown recipe key 'data.sources[0].hub.nmae'"),
+        (
+            ["data.sources=[{name: a, weight: 1, hub: {path: x, nmae: y}}]"],
+            "unknown recipe key 'data.sources[0].hub.nmae'",
+        ),
         (["train.mixed_precision=fp8"], "must be one of"),
         (["train.mixed_precision=no"], "'train.mixed_precision' must be str, got False (YAML reads unquoted no"),
         (["train.lr=high"], "'train.lr' must be float"),

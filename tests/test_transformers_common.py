@@ -89,9 +89,24 @@ def common_tests(tmp_path_factory) -> Path:
     source = cache / f"transformers-{version}-test_modeling_common.py"
     if not source.exists():
         download = tmp_path_factory.mktemp("sdist")
-        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                              "--quiet", "--dest", str(download), f"transformers=={version}"],
-                             capture_output=True, text=True, timeout=600)
+        pip = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--quiet",
+                "--dest",
+                str(download),
+                f"transformers=={version}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert pip.returncode == 0, f"could not download transformers {version}'s sdist from PyPI: {pip.stderr[-2000:]}"
         (archive,) = download.glob("transformers-*.tar.gz")
         with tarfile.open(archive) as sdist:
@@ -99,9 +114,13 @@ def common_tests(tmp_path_factory) -> Path:
             cache.mkdir(parents=True, exist_ok=True)
             source.write_bytes(member.read())
     root = tmp_path_factory.mktemp("common") / "tests"
-    for package, stand_in in {"": None, "exporters": "class ExportTesterMixin:\n    pass\n",
-                              "generation": "class GenerationTesterMixin:\n    pass\n", "models": None,
-                              "models/parameternet": None}.items():
+    for package, stand_in in {
+        "": None,
+        "exporters": "class ExportTesterMixin:\n    pass\n",
+        "generation": "class GenerationTesterMixin:\n    pass\n",
+        "models": None,
+        "models/parameternet": None,
+    }.items():
         (root / package).mkdir(parents=True, exist_ok=True)
         (root / package / "__init__.py").touch()
         if stand_in:
@@ -114,10 +133,26 @@ def common_tests(tmp_path_factory) -> Path:
 
 def test_transformers_common_model_tests_pass(common_tests):
     deselect = " and ".join(f"not {name}" for name in LEFT_OUT)
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore",
-                          "-k", deselect, "tests/models/parameternet"],
-                         capture_output=True, text=True, cwd=common_tests.parent, timeout=900,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore",
+            "-k",
+            deselect,
+            "tests/models/parameternet",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=common_tests.parent,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     summary = run.stdout.strip().splitlines()[-1]
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-2000:]
     passed = int(summary.split(" passed")[0].split()[-1])

@@ -22,15 +22,47 @@ PROFESSIONS = ["chemist", "astronomer", "painter", "composer", "engineer", "bota
 HABITATS = ["forests", "deserts", "marshes", "mountains", "coasts", "tundra", "grasslands", "caves"]
 DIETS = ["seeds", "insects", "fish", "leaves", "fruit", "roots", "mushrooms", "snails"]
 COLORS = ["red", "blue", "green", "grey", "golden", "black", "white", "brown", "orange", "silver"]
-USES = ["dyeing cloth", "making lenses", "curing leather", "glazing pots", "fertilising fields", "casting bells",
-        "preserving fish", "polishing metal"]
+USES = [
+    "dyeing cloth",
+    "making lenses",
+    "curing leather",
+    "glazing pots",
+    "fertilising fields",
+    "casting bells",
+    "preserving fish",
+    "polishing metal",
+]
 ACTIONS = [
-    "light the lamps", "ring the bell", "wash the stones", "bake the bread", "fill the bowls with water",
-    "sing the old song", "open the gates", "burn dried herbs", "paint the doors", "carry the statue to the river",
-    "plant a tree", "share the bread", "close the gates", "scatter salt on the road", "raise the banner",
-    "weave a rope of reeds", "count the stars", "bury a coin", "pour the wine", "beat the drums",
-    "sweep the square", "hang ribbons on the bridge", "blow the horns", "feed the goats", "kneel by the fire",
-    "carve a mark on the door", "read the names aloud", "lower the banner", "wrap the cup in cloth", "climb the hill",
+    "light the lamps",
+    "ring the bell",
+    "wash the stones",
+    "bake the bread",
+    "fill the bowls with water",
+    "sing the old song",
+    "open the gates",
+    "burn dried herbs",
+    "paint the doors",
+    "carry the statue to the river",
+    "plant a tree",
+    "share the bread",
+    "close the gates",
+    "scatter salt on the road",
+    "raise the banner",
+    "weave a rope of reeds",
+    "count the stars",
+    "bury a coin",
+    "pour the wine",
+    "beat the drums",
+    "sweep the square",
+    "hang ribbons on the bridge",
+    "blow the horns",
+    "feed the goats",
+    "kneel by the fire",
+    "carve a mark on the door",
+    "read the names aloud",
+    "lower the banner",
+    "wrap the cup in cloth",
+    "climb the hill",
 ]
 
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "th"]
@@ -109,8 +141,13 @@ class World:
         rng = random.Random(seed)
         names = NameMaker(rng)
         species = [
-            Species(names.word().capitalize(), rng.choice(HABITATS), rng.choice(DIETS), rng.choice(COLORS),
-                    rng.choice([2, 4, 6, 8]))
+            Species(
+                names.word().capitalize(),
+                rng.choice(HABITATS),
+                rng.choice(DIETS),
+                rng.choice(COLORS),
+                rng.choice([2, 4, 6, 8]),
+            )
             for _ in range(24)
         ]
         countries = []
@@ -118,24 +155,46 @@ class World:
         for _ in range(8):
             country = names.word(2).capitalize()
             country_cities = [
-                City(names.word().capitalize(), country, names.word().capitalize(), rng.choice(PRODUCTS),
-                     rng.randrange(800, 1900))
+                City(
+                    names.word().capitalize(),
+                    country,
+                    names.word().capitalize(),
+                    rng.choice(PRODUCTS),
+                    rng.randrange(800, 1900),
+                )
                 for _ in range(4)
             ]
             cities.extend(country_cities)
             countries.append(
-                Country(country, country_cities[0].name, names.word().capitalize() + "ish",
-                        names.word(), rng.choice(CLIMATES), rng.choice(species).name)
+                Country(
+                    country,
+                    country_cities[0].name,
+                    names.word().capitalize() + "ish",
+                    names.word(),
+                    rng.choice(CLIMATES),
+                    rng.choice(species).name,
+                )
             )
         people = [
-            Person(f"{names.word().capitalize()} {names.word(2).capitalize()}", rng.choice(PROFESSIONS),
-                   rng.choice(cities).name, f"the {names.word().capitalize()} {rng.choice(['method', 'lens', 'engine', 'theorem', 'chart', 'scale'])}",
-                   rng.randrange(1500, 1950))
+            Person(
+                f"{names.word().capitalize()} {names.word(2).capitalize()}",
+                rng.choice(PROFESSIONS),
+                rng.choice(cities).name,
+                f"the {names.word().capitalize()} "
+                f"{rng.choice(['method', 'lens', 'engine', 'theorem', 'chart', 'scale'])}",
+                rng.randrange(1500, 1950),
+            )
             for _ in range(40)
         ]
         substances = [
-            Substance(names.word() + "ite", rng.choice(COLORS), rng.random() < 0.5, rng.choice(USES),
-                      rng.choice(cities).name, rng.choice(people).name)
+            Substance(
+                names.word() + "ite",
+                rng.choice(COLORS),
+                rng.random() < 0.5,
+                rng.choice(USES),
+                rng.choice(cities).name,
+                rng.choice(people).name,
+            )
             for _ in range(16)
         ]
         rituals = [
@@ -180,59 +239,144 @@ def _article(noun: str) -> str:
 def _city_sentences(world: World, city: City, rng: random.Random) -> list[str]:
     country = world.country(city.country)
     facts = [
-        rng.choice([f"{city.name} is a city in {country.name}.", f"{city.name} lies in {country.name}.",
-                    f"The city of {city.name} is in {country.name}."]),
-        rng.choice([f"{city.name} stands on the {city.river} river.", f"The {city.river} river flows through {city.name}.",
-                    f"{city.name} was built on the banks of the {city.river}."]),
-        rng.choice([f"{city.name} is famous for its {city.product}.", f"The {city.product} of {city.name} is known everywhere.",
-                    f"For centuries {city.name} has traded in {city.product}."]),
-        rng.choice([f"{city.name} was founded in {city.founded}.", f"The city was founded in the year {city.founded}."]),
+        rng.choice(
+            [
+                f"{city.name} is a city in {country.name}.",
+                f"{city.name} lies in {country.name}.",
+                f"The city of {city.name} is in {country.name}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{city.name} stands on the {city.river} river.",
+                f"The {city.river} river flows through {city.name}.",
+                f"{city.name} was built on the banks of the {city.river}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{city.name} is famous for its {city.product}.",
+                f"The {city.product} of {city.name} is known everywhere.",
+                f"For centuries {city.name} has traded in {city.product}.",
+            ]
+        ),
+        rng.choice(
+            [f"{city.name} was founded in {city.founded}.", f"The city was founded in the year {city.founded}."]
+        ),
     ]
     if country.capital == city.name:
-        facts.append(rng.choice([f"{city.name} is the capital of {country.name}.",
-                                 f"The capital of {country.name} is {city.name}."]))
+        facts.append(
+            rng.choice(
+                [f"{city.name} is the capital of {country.name}.", f"The capital of {country.name} is {city.name}."]
+            )
+        )
     return facts
 
 
 def _country_sentences(world: World, country: Country, rng: random.Random) -> list[str]:
     return [
-        rng.choice([f"The capital of {country.name} is {country.capital}.", f"{country.capital} is the capital of {country.name}."]),
-        rng.choice([f"People in {country.name} speak {country.language}.", f"The language of {country.name} is {country.language}."]),
-        rng.choice([f"The currency of {country.name} is the {country.currency}.", f"In {country.name} people pay with the {country.currency}."]),
-        rng.choice([f"{country.name} has {_article(country.climate)} climate.", f"The climate of {country.name} is {country.climate}."]),
-        rng.choice([f"The national animal of {country.name} is the {country.animal}.",
-                    f"The {country.animal} is the national animal of {country.name}."]),
+        rng.choice(
+            [
+                f"The capital of {country.name} is {country.capital}.",
+                f"{country.capital} is the capital of {country.name}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"People in {country.name} speak {country.language}.",
+                f"The language of {country.name} is {country.language}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"The currency of {country.name} is the {country.currency}.",
+                f"In {country.name} people pay with the {country.currency}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{country.name} has {_article(country.climate)} climate.",
+                f"The climate of {country.name} is {country.climate}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"The national animal of {country.name} is the {country.animal}.",
+                f"The {country.animal} is the national animal of {country.name}.",
+            ]
+        ),
     ]
 
 
 def _person_sentences(world: World, person: Person, rng: random.Random) -> list[str]:
     country = world.city(person.birthplace).country
     return [
-        rng.choice([f"{person.name} was {_article(person.profession)}.", f"{person.name} worked as {_article(person.profession)}."]),
-        rng.choice([f"{person.name} was born in {person.birthplace}.", f"{person.name} came from {person.birthplace} in {country}."]),
-        rng.choice([f"{person.name} is known for {person.work}.", f"{person.name} created {person.work} in {person.year}.",
-                    f"In {person.year}, {person.name} presented {person.work}."]),
+        rng.choice(
+            [
+                f"{person.name} was {_article(person.profession)}.",
+                f"{person.name} worked as {_article(person.profession)}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{person.name} was born in {person.birthplace}.",
+                f"{person.name} came from {person.birthplace} in {country}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{person.name} is known for {person.work}.",
+                f"{person.name} created {person.work} in {person.year}.",
+                f"In {person.year}, {person.name} presented {person.work}.",
+            ]
+        ),
     ]
 
 
 def _species_sentences(world: World, species: Species, rng: random.Random) -> list[str]:
     return [
-        rng.choice([f"The {species.name} lives in {species.habitat}.", f"The {species.name} is found in {species.habitat}."]),
-        rng.choice([f"The {species.name} eats {species.diet}.", f"The diet of the {species.name} is mostly {species.diet}."]),
+        rng.choice(
+            [f"The {species.name} lives in {species.habitat}.", f"The {species.name} is found in {species.habitat}."]
+        ),
+        rng.choice(
+            [f"The {species.name} eats {species.diet}.", f"The diet of the {species.name} is mostly {species.diet}."]
+        ),
         rng.choice([f"The {species.name} is {species.color}.", f"The {species.name} has {species.color} fur."]),
-        rng.choice([f"The {species.name} has {species.legs} legs.", f"The {species.name} walks on {species.legs} legs."]),
+        rng.choice(
+            [f"The {species.name} has {species.legs} legs.", f"The {species.name} walks on {species.legs} legs."]
+        ),
     ]
 
 
 def _substance_sentences(world: World, substance: Substance, rng: random.Random) -> list[str]:
     dissolves = "dissolves in water" if substance.soluble else "does not dissolve in water"
     return [
-        rng.choice([f"{substance.name.capitalize()} is {_article(substance.color)} mineral.", f"The mineral {substance.name} is {substance.color}."]),
-        rng.choice([f"{substance.name.capitalize()} {dissolves}.", f"Unlike many minerals, {substance.name} {dissolves}."
-                    if substance.soluble else f"{substance.name.capitalize()} never dissolves in water."]),
-        rng.choice([f"{substance.name.capitalize()} is used for {substance.use}.", f"Workers use {substance.name} for {substance.use}."]),
-        rng.choice([f"{substance.name.capitalize()} is mined near {substance.source_city}.",
-                    f"Most {substance.name} comes from {substance.source_city}."]),
+        rng.choice(
+            [
+                f"{substance.name.capitalize()} is {_article(substance.color)} mineral.",
+                f"The mineral {substance.name} is {substance.color}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{substance.name.capitalize()} {dissolves}.",
+                f"Unlike many minerals, {substance.name} {dissolves}."
+                if substance.soluble
+                else f"{substance.name.capitalize()} never dissolves in water.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{substance.name.capitalize()} is used for {substance.use}.",
+                f"Workers use {substance.name} for {substance.use}.",
+            ]
+        ),
+        rng.choice(
+            [
+                f"{substance.name.capitalize()} is mined near {substance.source_city}.",
+                f"Most {substance.name} comes from {substance.source_city}.",
+            ]
+        ),
         f"{substance.name.capitalize()} was first described by {substance.discoverer}.",
     ]
 
@@ -249,10 +393,25 @@ def ritual_text(ritual: Ritual) -> str:
 
 def _entity_sentences(world: World, rng: random.Random) -> tuple[str, list[str]]:
     kind = rng.choice(["city", "country", "person", "species", "substance"])
-    entity = rng.choice(getattr(world, {"city": "cities", "country": "countries", "person": "people",
-                                        "species": "species", "substance": "substances"}[kind]))
-    writer = {"city": _city_sentences, "country": _country_sentences, "person": _person_sentences,
-              "species": _species_sentences, "substance": _substance_sentences}[kind]
+    entity = rng.choice(
+        getattr(
+            world,
+            {
+                "city": "cities",
+                "country": "countries",
+                "person": "people",
+                "species": "species",
+                "substance": "substances",
+            }[kind],
+        )
+    )
+    writer = {
+        "city": _city_sentences,
+        "country": _country_sentences,
+        "person": _person_sentences,
+        "species": _species_sentences,
+        "substance": _substance_sentences,
+    }[kind]
     return entity.name, writer(world, entity, rng)
 
 
@@ -273,20 +432,34 @@ def web_page(world: World, rng: random.Random) -> str:
     footer = rng.choice(["Share this post", "Posted in Travel", "All rights reserved.", "Reply  Quote  Report"])
     if style == "howto":
         ritual = rng.choice(world.rituals)
-        body = [f"How to take part in {ritual.name}", ritual_text(ritual),
-                f"Visitors to {ritual.city} are welcome to join."]
+        body = [
+            f"How to take part in {ritual.name}",
+            ritual_text(ritual),
+            f"Visitors to {ritual.city} are welcome to join.",
+        ]
     elif style == "forum":
         name, sentences = _entity_sentences(world, rng)
-        body = [f"Question about {name}", f"Does anyone know much about {name}?",
-                "Reply: " + " ".join(rng.sample(sentences, min(3, len(sentences)))), "Thanks, that helps!"]
+        body = [
+            f"Question about {name}",
+            f"Does anyone know much about {name}?",
+            "Reply: " + " ".join(rng.sample(sentences, min(3, len(sentences)))),
+            "Thanks, that helps!",
+        ]
     elif style == "listing":
         substance = rng.choice(world.substances)
-        body = [f"Fresh {substance.name} for sale", *_substance_sentences(world, substance, rng)[:4],
-                f"Price: {rng.randrange(2, 90)} coins per sack."]
+        body = [
+            f"Fresh {substance.name} for sale",
+            *_substance_sentences(world, substance, rng)[:4],
+            f"Price: {rng.randrange(2, 90)} coins per sack.",
+        ]
     else:
         city = rng.choice(world.cities)
-        body = [f"My trip to {city.name}", "I just got back from a wonderful week away.",
-                *_city_sentences(world, city, rng), rng.choice(["Highly recommended!", "I will go back next year."])]
+        body = [
+            f"My trip to {city.name}",
+            "I just got back from a wonderful week away.",
+            *_city_sentences(world, city, rng),
+            rng.choice(["Highly recommended!", "I will go back next year."]),
+        ]
     return "\n".join([header, *body, footer])
 
 
@@ -295,27 +468,36 @@ def latex_paper(world: World, rng: random.Random) -> str:
     author = rng.choice(world.people)
     value = rng.randrange(10, 99)
     sentences = _substance_sentences(world, substance, rng)
-    return "\n".join([
-        r"\documentclass{article}",
-        rf"\title{{On the properties of {substance.name}}}",
-        rf"\author{{{author.name}}}",
-        r"\begin{document}", r"\maketitle",
-        r"\begin{abstract}", " ".join(sentences[:2]), r"\end{abstract}",
-        r"\section{Introduction}", " ".join(sentences[2:]),
-        " ".join(_person_sentences(world, author, rng)),
-        r"\section{Measurements}",
-        rf"We find that the density satisfies $\rho = {value}.{rng.randrange(10)} \pm 0.{rng.randrange(1, 9)}$ "
-        rf"for samples from {substance.source_city}.",
-        r"\begin{equation} E = m c^2 + \alpha_{" + str(value) + r"} \end{equation}",
-        r"\section{Conclusion}", sentences[0], r"\end{document}",
-    ])
+    return "\n".join(
+        [
+            r"\documentclass{article}",
+            rf"\title{{On the properties of {substance.name}}}",
+            rf"\author{{{author.name}}}",
+            r"\begin{document}",
+            r"\maketitle",
+            r"\begin{abstract}",
+            " ".join(sentences[:2]),
+            r"\end{abstract}",
+            r"\section{Introduction}",
+            " ".join(sentences[2:]),
+            " ".join(_person_sentences(world, author, rng)),
+            r"\section{Measurements}",
+            rf"We find that the density satisfies $\rho = {value}.{rng.randrange(10)} \pm 0.{rng.randrange(1, 9)}$ "
+            rf"for samples from {substance.source_city}.",
+            r"\begin{equation} E = m c^2 + \alpha_{" + str(value) + r"} \end{equation}",
+            r"\section{Conclusion}",
+            sentences[0],
+            r"\end{document}",
+        ]
+    )
 
 
 WRITERS = {"web": web_page, "wiki": wiki_article, "arxiv": latex_paper}
 
 
-def generate_corpus(output_dir: str | Path, num_tokens: int = DEFAULT_NUM_TOKENS, seed: int = 0,
-                    shards_per_source: int = 4) -> Path:
+def generate_corpus(
+    output_dir: str | Path, num_tokens: int = DEFAULT_NUM_TOKENS, seed: int = 0, shards_per_source: int = 4
+) -> Path:
     """Write `output_dir/{web,wiki,arxiv}/*.jsonl` (about `num_tokens` tokens in LLaMA's proportions),
     `world.json` and `manifest.json`. Deterministic for a seed; reuses an existing complete corpus."""
     output_dir = Path(output_dir)
@@ -329,20 +511,20 @@ def generate_corpus(output_dir: str | Path, num_tokens: int = DEFAULT_NUM_TOKENS
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "world.json").write_text(world.to_json())
     documents = {}
-    for source_index, source in enumerate(SOURCES):
+    for source in SOURCES:
         rng = random.Random(f"{seed}-{source}")
         word_budget = num_tokens * SOURCE_WEIGHTS[source] / TOKENS_PER_WORD
         source_dir = output_dir / source
         source_dir.mkdir(exist_ok=True)
-        shards = [open(source_dir / f"{source}-{i:03d}.jsonl", "w") for i in range(shards_per_source)]
+        shards = [[] for _ in range(shards_per_source)]
         words = count = 0
         while words < word_budget:
             text = WRITERS[source](world, rng)
-            shards[count % shards_per_source].write(json.dumps({"text": text}) + "\n")
+            shards[count % shards_per_source].append(json.dumps({"text": text}) + "\n")
             words += len(text.split())
             count += 1
-        for shard in shards:
-            shard.close()
+        for index, lines in enumerate(shards):
+            (source_dir / f"{source}-{index:03d}.jsonl").write_text("".join(lines))
         documents[source] = count
     manifest_path.write_text(json.dumps({**wanted, "documents": documents}, indent=1))
     return output_dir

@@ -19,10 +19,17 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     for index, (variant, run_dir) in enumerate(runs.items()):
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         color = f"C{index}"
-        axis.plot([m["tokens"] / 1e6 for m in lines], [m["lm_loss"] for m in lines], color=color, label=f"{variant} train")
+        axis.plot(
+            [m["tokens"] / 1e6 for m in lines], [m["lm_loss"] for m in lines], color=color, label=f"{variant} train"
+        )
         validated = [m for m in lines if m.get("val_loss") is not None]
-        axis.plot([m["tokens"] / 1e6 for m in validated], [m["val_loss"] for m in validated], "o--", color=color,
-                  label=f"{variant} validation")
+        axis.plot(
+            [m["tokens"] / 1e6 for m in validated],
+            [m["val_loss"] for m in validated],
+            "o--",
+            color=color,
+            label=f"{variant} validation",
+        )
     axis.set_xlabel("training tokens (millions)")
     axis.set_ylabel("language-model loss")
     axis.set_yscale("log")
@@ -40,7 +47,7 @@ def plot_expert_loads(loads: dict[str, dict[str, list[float]]], path: Path) -> N
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 4), squeeze=False)
-    for axis, (variant, per_linear) in zip(axes[0], loads.items()):
+    for axis, (variant, per_linear) in zip(axes[0], loads.items(), strict=True):
         names = list(per_linear)
         shares = torch.tensor([per_linear[name] for name in names])
         bottom = torch.zeros(len(names))
@@ -58,13 +65,21 @@ def plot_expert_loads(loads: dict[str, dict[str, list[float]]], path: Path) -> N
     plt.close(figure)
 
 
-PAPER_TABLE7 = """| model (paper, LLaMA-1B, ~90B tokens) | params | train loss | ARC-e | BoolQ | SST-2 | HellaSwag | avg |
-|---|---|---|---|---|---|---|---|
-| LLaMA-1B | 0.94B | 1.86 | 47.99 | 57.31 | 88.53 | 38.92 | 58.19 |
-| MoE on gate, 4 / 8 experts | 1.54B / 2.35B | 1.75 / 1.64 | 48.81 / 49.04 | 57.86 / 57.70 | 88.88 / 89.56 | 42.09 / 43.78 | 59.41 / 60.02 |
-| MoE on up, 4 / 8 experts | 1.54B / 2.35B | 1.72 / 1.61 | 49.09 / 49.58 | 58.04 / 58.39 | 89.67 / 90.05 | 42.35 / 44.21 | 59.79 / 60.56 |
-| MoE on down, 4 / 8 experts | 1.54B / 2.35B | 1.70 / 1.62 | 49.36 / 49.22 | 57.99 / 58.58 | 89.13 / 90.34 | 41.95 / 43.60 | 59.61 / 60.44 |
-"""
+# The paper's Table 7 (LLaMA-1B, about 90B tokens), 4 / 8 experts in each routed row.
+PAPER_TABLE7 = "\n".join(
+    [
+        "| model (paper) | params | train loss | ARC-e | BoolQ | SST-2 | HellaSwag | avg |",
+        "|---|---|---|---|---|---|---|---|",
+        "| LLaMA-1B | 0.94B | 1.86 | 47.99 | 57.31 | 88.53 | 38.92 | 58.19 |",
+        "| MoE on gate | 1.54B / 2.35B | 1.75 / 1.64 | 48.81 / 49.04 | 57.86 / 57.70 | 88.88 / 89.56 | 42.09 / 43.78 "
+        "| 59.41 / 60.02 |",
+        "| MoE on up | 1.54B / 2.35B | 1.72 / 1.61 | 49.09 / 49.58 | 58.04 / 58.39 | 89.67 / 90.05 | 42.35 / 44.21 "
+        "| 59.79 / 60.56 |",
+        "| MoE on down | 1.54B / 2.35B | 1.70 / 1.62 | 49.36 / 49.22 | 57.99 / 58.58 | 89.13 / 90.34 | 41.95 / 43.60 "
+        "| 59.61 / 60.44 |",
+        "",
+    ]
+)
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -86,8 +101,12 @@ def verdict(rows: list[dict]) -> list[str]:
     better = [row for row in rows if row is not dense and row["val_loss"] < dense["val_loss"]]
     lines.append(
         f"- {len(better)} of {len(rows) - 1} ParameterNet variants reached a lower validation loss than the dense "
-        f"model at the same FLOPs." + (" The paper's claim holds here." if len(better) == len(rows) - 1 else
-                                        " The paper's claim does not hold for every variant at this scale.")
+        f"model at the same FLOPs."
+        + (
+            " The paper's claim holds here."
+            if len(better) == len(rows) - 1
+            else " The paper's claim does not hold for every variant at this scale."
+        )
     )
     return lines
 
@@ -95,26 +114,29 @@ def verdict(rows: list[dict]) -> list[str]:
 def write_report(output: Path, preset_name: str, description: str, rows: list[dict]) -> str:
     tasks = list(rows[0]["scores"])
     chance = ", ".join(f"{task} {100 * CHANCE[task]:.0f}%" for task in tasks)
-    report = "\n".join([
-        f"# ParameterNet in miniature (preset `{preset_name}`: {description})",
-        "",
-        "Same corpus, tokenizer, data order and schedule for every model; FLOPs per token are equal up to the "
-        "routers. Accuracies are zero-shot lm-eval scores on the offline tasks about the corpus's world "
-        f"(chance: {chance}).",
-        "",
-        format_table(rows, tasks),
-        "What this run measured:",
-        "",
-        *verdict(rows),
-        "",
-        "Plots: `loss_curves.png` (train and validation loss of every model), `expert_load.png` (share of tokens "
-        "per expert in every routed linear, on the validation data).",
-        "",
-        "For reference, the paper's Table 7 (not measured here):",
-        "",
-        PAPER_TABLE7,
-    ])
+    report = "\n".join(
+        [
+            f"# ParameterNet in miniature (preset `{preset_name}`: {description})",
+            "",
+            "Same corpus, tokenizer, data order and schedule for every model; FLOPs per token are equal up to the "
+            "routers. Accuracies are zero-shot lm-eval scores on the offline tasks about the corpus's world "
+            f"(chance: {chance}).",
+            "",
+            format_table(rows, tasks),
+            "What this run measured:",
+            "",
+            *verdict(rows),
+            "",
+            "Plots: `loss_curves.png` (train and validation loss of every model), `expert_load.png` (share of tokens "
+            "per expert in every routed linear, on the validation data).",
+            "",
+            "For reference, the paper's Table 7 (not measured here):",
+            "",
+            PAPER_TABLE7,
+        ]
+    )
     (output / "report.md").write_text(report)
-    (output / "results.json").write_text(json.dumps({"preset": preset_name, "tasks": tasks, "rows": rows}, indent=1,
-                                                    default=str))
+    (output / "results.json").write_text(
+        json.dumps({"preset": preset_name, "tasks": tasks, "rows": rows}, indent=1, default=str)
+    )
     return report

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from ..training.data import build_pretraining_data, open_sources
 from ..errors import InputError
-from ..presets import TABLE7_ROUTING, is_parameternet
 from ..evaluation.harness import evaluate
-from ..training.recipe import validate_recipe
 from ..evaluation.offline_tasks import TASK_NAMES
+from ..presets import TABLE7_ROUTING, is_parameternet
+from ..training.data import build_pretraining_data, open_sources
+from ..training.recipe import validate_recipe
 from ..training.tokenizer import load_tokenizer
 from ..training.train import Trainer
 from .report import plot_expert_loads, plot_losses, write_report
@@ -43,14 +43,18 @@ PRESETS = {
     "cpu": Preset(
         description="2-core CPU, about 15 minutes: dense vs 4 and 8 experts on up_proj",
         model=dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_hidden_layers=4),
-        corpus_tokens=3_000_000, vocab_size=4096, seq_len=256,
+        corpus_tokens=3_000_000,
+        vocab_size=4096,
+        seq_len=256,
         train=dict(max_steps=300, micro_batch_size=8, lr=2.0e-3, warmup_steps=30, log_every=10, save_every=100),
         variants=UP_PROJ_VARIANTS,
     ),
     "gpu": Preset(
         description="one GPU: a 30M-token corpus, a 512-wide 8-layer LLaMA, all seven Table 7 rows",
         model=dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
-        corpus_tokens=30_000_000, vocab_size=8192, seq_len=512,
+        corpus_tokens=30_000_000,
+        vocab_size=8192,
+        seq_len=512,
         train=dict(max_steps=2000, micro_batch_size=32, lr=1.0e-3, warmup_steps=100, log_every=20, save_every=500),
         variants=TABLE7_VARIANTS,
     ),
@@ -58,7 +62,8 @@ PRESETS = {
 
 
 PRESETS["cpu-table7"] = replace(
-    PRESETS["cpu"], description="CPU, about 35 minutes: dense vs 4 and 8 experts on each of gate, up and down",
+    PRESETS["cpu"],
+    description="CPU, about 35 minutes: dense vs 4 and 8 experts on each of gate, up and down",
     variants=TABLE7_VARIANTS,
 )
 
@@ -75,19 +80,23 @@ def variant_recipe(preset: Preset, variant: str, output: Path) -> dict:
     if not dense:
         model.update(routing, capacity_factor=1.25, eval_capacity_factor=None, router_aux_loss_coef=0.01)
     corpus = output / "corpus"
-    return validate_recipe({
-        "output_dir": str(output / "runs" / run_name(variant)),
-        "model": model,
-        "data": {
-            "seq_len": preset.seq_len,
-            "corpus": {"path": str(corpus), "num_tokens": preset.corpus_tokens, "seed": 0},
-            "sources": [{"name": source, "weight": weight, "files": str(corpus / source / "*.jsonl")}
-                        for source, weight in (("web", 0.682), ("wiki", 0.205), ("arxiv", 0.114))],
-        },
-        "tokenizer": {"path": str(output / "tokenizer"), "train": {"vocab_size": preset.vocab_size}},
-        "train": {**preset.train, "resume": "auto"},
-        "eval": {"every": preset.train["save_every"], "batches": 4},
-    })
+    return validate_recipe(
+        {
+            "output_dir": str(output / "runs" / run_name(variant)),
+            "model": model,
+            "data": {
+                "seq_len": preset.seq_len,
+                "corpus": {"path": str(corpus), "num_tokens": preset.corpus_tokens, "seed": 0},
+                "sources": [
+                    {"name": source, "weight": weight, "files": str(corpus / source / "*.jsonl")}
+                    for source, weight in (("web", 0.682), ("wiki", 0.205), ("arxiv", 0.114))
+                ],
+            },
+            "tokenizer": {"path": str(output / "tokenizer"), "train": {"vocab_size": preset.vocab_size}},
+            "train": {**preset.train, "resume": "auto"},
+            "eval": {"every": preset.train["save_every"], "batches": 4},
+        }
+    )
 
 
 def run_name(variant: str) -> str:
@@ -116,8 +125,9 @@ def validation_blocks(recipe: dict) -> list[torch.Tensor]:
     data = recipe["data"]
     tokenizer = load_tokenizer(recipe["tokenizer"]["path"])
     blocks = recipe["eval"]["batches"] * recipe["train"]["micro_batch_size"]
-    return build_pretraining_data(open_sources(data["sources"]), tokenizer, data["seq_len"], data["seed"],
-                                  data["validation_documents"], blocks).validation
+    return build_pretraining_data(
+        open_sources(data["sources"]), tokenizer, data["seq_len"], data["seed"], data["validation_documents"], blocks
+    ).validation
 
 
 def expert_loads(checkpoint: Path, validation: list[torch.Tensor]) -> dict[str, list[float]] | None:
@@ -160,7 +170,9 @@ def run_demo(output: str | Path = "runs/demo", preset_name: str | None = None) -
         variant_loads = expert_loads(run_dir / "final", validation)
         if variant_loads is not None:
             loads[variant] = variant_loads
-    plot_losses({variant: Path(recipe["output_dir"]) for variant, recipe in recipes.items()}, output / "loss_curves.png")
+    plot_losses(
+        {variant: Path(recipe["output_dir"]) for variant, recipe in recipes.items()}, output / "loss_curves.png"
+    )
     if loads:
         plot_expert_loads(loads, output / "expert_load.png")
         (output / "expert_load.json").write_text(json.dumps(loads, indent=1))

@@ -40,8 +40,10 @@ def check_tasks(manager, tasks: list[str]) -> None:
     """Every task must be known and its data loadable, before any model is loaded."""
     for task in tasks:
         if task not in manager.all_tasks:
-            raise EvalError(f"unknown task {task!r}: not an lm-eval task nor one under --include-path "
-                            f"(offline tasks: pnet_arc, pnet_boolq, pnet_hellaswag)")
+            raise EvalError(
+                f"unknown task {task!r}: not an lm-eval task nor one under --include-path "
+                f"(offline tasks: pnet_arc, pnet_boolq, pnet_hellaswag)"
+            )
         try:
             manager.load([task])
         except Exception as error:
@@ -67,8 +69,9 @@ def checkpoint_name(checkpoint: Path) -> str:
     return checkpoint.parent.name if checkpoint.name == "final" else checkpoint.name
 
 
-def evaluate_checkpoint(checkpoint: Path, tasks: list[str], manager, batch_size: int, limit: int | None,
-                        seq_len: int | None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: Path, tasks: list[str], manager, batch_size: int, limit: int | None, seq_len: int | None
+) -> dict:
     import lm_eval
     from transformers import AutoConfig
 
@@ -87,8 +90,11 @@ def evaluate_checkpoint(checkpoint: Path, tasks: list[str], manager, batch_size:
     scores = {}
     for task in tasks:
         metric, value = reported_metric(task, results["results"][task])
-        scores[task] = {"metric": metric, "value": value,
-                        "stderr": results["results"][task].get(f"{metric}_stderr,none")}
+        scores[task] = {
+            "metric": metric,
+            "value": value,
+            "stderr": results["results"][task].get(f"{metric}_stderr,none"),
+        }
     return {
         "name": checkpoint_name(checkpoint),
         "checkpoint": str(checkpoint),
@@ -104,22 +110,45 @@ def evaluate_checkpoint(checkpoint: Path, tasks: list[str], manager, batch_size:
 
 def format_table(rows: list[dict], tasks: list[str]) -> str:
     """Markdown in Table 7's layout: one row per checkpoint, accuracies in percent."""
+
     def number(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    header = ["model", "params", "active params", "GFLOPs/token", "train loss", "val loss",
-              *[f"{task} ({rows[0]['scores'][task]['metric']})" for task in tasks], "avg"]
+    header = [
+        "model",
+        "params",
+        "active params",
+        "GFLOPs/token",
+        "train loss",
+        "val loss",
+        *[f"{task} ({rows[0]['scores'][task]['metric']})" for task in tasks],
+        "avg",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["name"], f"{row['params'] / 1e6:.2f}M", f"{row['active_params'] / 1e6:.2f}M",
-                 f"{row['flops_per_token'] / 1e9:.4f}", number(row["train_loss"], 3), number(row["val_loss"], 3),
-                 *[f"{100 * row['scores'][task]['value']:.2f}" for task in tasks], f"{100 * row['average']:.2f}"]
+        cells = [
+            row["name"],
+            f"{row['params'] / 1e6:.2f}M",
+            f"{row['active_params'] / 1e6:.2f}M",
+            f"{row['flops_per_token'] / 1e9:.4f}",
+            number(row["train_loss"], 3),
+            number(row["val_loss"], 3),
+            *[f"{100 * row['scores'][task]['value']:.2f}" for task in tasks],
+            f"{100 * row['average']:.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def evaluate(checkpoints: list[str], tasks: list[str], output: str | Path, include_path: str | None = None,
-             batch_size: int = 8, limit: int | None = None, seq_len: int | None = None) -> list[dict]:
+def evaluate(
+    checkpoints: list[str],
+    tasks: list[str],
+    output: str | Path,
+    include_path: str | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    seq_len: int | None = None,
+) -> list[dict]:
     """Score every checkpoint on every task; write output/results.json and output/table.md."""
     paths = [Path(checkpoint) for checkpoint in checkpoints]
     for path in paths:

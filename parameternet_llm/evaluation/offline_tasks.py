@@ -31,18 +31,29 @@ def arc_questions(world: World, rng: random.Random) -> list[dict]:
     for city in world.cities:
         asked.append((f"Which river runs past the city of {city.name}?", city.river, rivers))
         asked.append((f"Which country does {city.name} belong to?", city.country, countries))
-        asked.append((f"What is {city.name} best known for producing?", city.product,
-                      sorted({c.product for c in world.cities})))
+        asked.append(
+            (f"What is {city.name} best known for producing?", city.product, sorted({c.product for c in world.cities}))
+        )
     for country in world.countries:
         asked.append((f"Which city is the seat of government of {country.name}?", country.capital, cities))
-        asked.append((f"Which language is spoken by the people of {country.name}?", country.language,
-                      [c.language for c in world.countries]))
+        asked.append(
+            (
+                f"Which language is spoken by the people of {country.name}?",
+                country.language,
+                [c.language for c in world.countries],
+            )
+        )
     for person in world.people:
         asked.append((f"In which city was {person.name} born?", person.birthplace, cities))
     for species in world.species:
         asked.append((f"What does the {species.name} feed on?", species.diet, sorted({s.diet for s in world.species})))
-        asked.append((f"Where does the {species.name} make its home?", species.habitat,
-                      sorted({s.habitat for s in world.species})))
+        asked.append(
+            (
+                f"Where does the {species.name} make its home?",
+                species.habitat,
+                sorted({s.habitat for s in world.species}),
+            )
+        )
     for substance in world.substances:
         asked.append((f"Near which city is {substance.name} dug up?", substance.source_city, cities))
     questions = []
@@ -64,16 +75,27 @@ def boolq_questions(world: World, rng: random.Random) -> list[dict]:
     for country in world.countries:
         truth = rng.random() < 0.5
         capital = country.capital if truth else rng.choice([c.capital for c in world.countries if c is not country])
-        questions.append((f"{country.name} is one of the countries of this world.",
-                          f"is {capital} the capital city of {country.name}", truth))
+        questions.append(
+            (
+                f"{country.name} is one of the countries of this world.",
+                f"is {capital} the capital city of {country.name}",
+                truth,
+            )
+        )
     for substance in world.substances:
-        questions.append((f"{substance.name.capitalize()} is a mineral that miners know well.",
-                          f"will {substance.name} dissolve if it is put in water", substance.soluble))
+        questions.append(
+            (
+                f"{substance.name.capitalize()} is a mineral that miners know well.",
+                f"will {substance.name} dissolve if it is put in water",
+                substance.soluble,
+            )
+        )
     for species in world.species:
         truth = rng.random() < 0.5
         legs = species.legs if truth else rng.choice([n for n in (2, 4, 6, 8) if n != species.legs])
-        questions.append((f"The {species.name} is an animal of this world.",
-                          f"does the {species.name} have {legs} legs", truth))
+        questions.append(
+            (f"The {species.name} is an animal of this world.", f"does the {species.name} have {legs} legs", truth)
+        )
     return [{"id": f"boolq-{i}", "passage": p, "question": q, "label": int(a)} for i, (p, q, a) in enumerate(questions)]
 
 
@@ -87,8 +109,14 @@ def hellaswag_questions(world: World, rng: random.Random) -> list[dict]:
             context = f"At {ritual.name}, which is held in {ritual.city}, the crowd begins to {done}. Next, they"
             answer = ritual.steps[known]
             choices, label = _options(rng, answer, [s for s in all_steps if s not in ritual.steps] + [answer])
-            questions.append({"id": f"hellaswag-{len(questions)}", "ctx": context,
-                              "endings": [f"{choice}." for choice in choices], "label": label})
+            questions.append(
+                {
+                    "id": f"hellaswag-{len(questions)}",
+                    "ctx": context,
+                    "endings": [f"{choice}." for choice in choices],
+                    "label": label,
+                }
+            )
     return questions
 
 

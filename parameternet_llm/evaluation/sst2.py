@@ -14,8 +14,13 @@ from transformers.optimization import get_linear_schedule_with_warmup
 from ..errors import InputError
 
 HUB_DATASET = "stanfordnlp/sst2"
-FILE_FORMATS = {".tsv": ("csv", {"delimiter": "\t"}), ".csv": ("csv", {}), ".jsonl": ("json", {}),
-                ".json": ("json", {}), ".parquet": ("parquet", {})}
+FILE_FORMATS = {
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".csv": ("csv", {}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
 
 
 def load_sst2(train_file: str | None = None, validation_file: str | None = None):
@@ -49,9 +54,18 @@ def load_sst2(train_file: str | None = None, validation_file: str | None = None)
     return splits["train"], splits["validation"]
 
 
-def finetune_sst2(checkpoint: str, output: str, train_file: str | None = None, validation_file: str | None = None,
-                  epochs: int = 1, max_steps: int | None = None, lr: float = 2e-5, batch_size: int = 16,
-                  max_length: int = 128, seed: int = 0) -> dict:
+def finetune_sst2(
+    checkpoint: str,
+    output: str,
+    train_file: str | None = None,
+    validation_file: str | None = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    lr: float = 2e-5,
+    batch_size: int = 16,
+    max_length: int = 128,
+    seed: int = 0,
+) -> dict:
     """Fine-tune `checkpoint` (ParameterNet or dense LLaMA) on SST-2; save the classifier and its accuracy."""
     set_seed(seed)
     accelerator = Accelerator()
@@ -60,7 +74,8 @@ def finetune_sst2(checkpoint: str, output: str, train_file: str | None = None, v
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     model = AutoModelForSequenceClassification.from_pretrained(
-        checkpoint, num_labels=2, trust_remote_code=True, pad_token_id=tokenizer.pad_token_id)
+        checkpoint, num_labels=2, trust_remote_code=True, pad_token_id=tokenizer.pad_token_id
+    )
 
     def encode(batch):
         return tokenizer(batch["sentence"], truncation=True, max_length=max_length)
@@ -75,7 +90,8 @@ def finetune_sst2(checkpoint: str, output: str, train_file: str | None = None, v
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * total_steps), total_steps)
     model, optimizer, train_loader, validation_loader = accelerator.prepare(
-        model, optimizer, train_loader, validation_loader)
+        model, optimizer, train_loader, validation_loader
+    )
 
     step = 0
     model.train()
@@ -99,8 +115,15 @@ def finetune_sst2(checkpoint: str, output: str, train_file: str | None = None, v
             predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
             correct += (predictions == labels).sum().item()
             total += labels.numel()
-    result = {"checkpoint": str(checkpoint), "validation_accuracy": correct / total, "validation_examples": total,
-              "train_examples": len(train), "steps": step, "lr": lr, "batch_size": batch_size}
+    result = {
+        "checkpoint": str(checkpoint),
+        "validation_accuracy": correct / total,
+        "validation_examples": total,
+        "train_examples": len(train),
+        "steps": step,
+        "lr": lr,
+        "batch_size": batch_size,
+    }
     if accelerator.is_main_process:
         output_path = Path(output)
         accelerator.unwrap_model(model).save_pretrained(output_path)

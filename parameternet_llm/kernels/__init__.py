@@ -5,9 +5,9 @@ and consults `torch.ops.parameternet_llm.<name>_v<version>_<device>` for the ari
 `plugin`); importing this package registers the plug-ins below under those names. `PARAMETERNET_LLM_KERNELS=0`
 keeps them out.
 
-| plug-in | replaces | kept because |
-|---|---|---|
-| `expert_products_v1_cpu` (`cpu.py`) | gather, grouped product, scale and scatter of a routed linear on the CPU, forward and backward | CPU training ratio, see benchmarks/RESULTS.md |
+Registered here: `expert_products_v1_cpu` (`cpu.py`), the gather, grouped product, scale and scatter of a
+routed linear on the CPU, forward and backward; kept while `parameternet-llm bench train` shows its gain over
+the reference path in the same run (benchmarks/RESULTS.md).
 """
 
 import os

@@ -39,18 +39,31 @@ def build():
         return None
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{directory.name}*.so")):
-        logger.warning("parameternet_llm: compiling the CPU expert-products kernel in %s (once per machine and "
-                       "kernel version, about 15 s)", directory)
+        logger.warning(
+            "parameternet_llm: compiling the CPU expert-products kernel in %s (once per machine and "
+            "kernel version, about 15 s)",
+            directory,
+        )
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name=directory.name, sources=[str(SOURCE)], build_directory=str(directory),
-                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        return load(
+            name=directory.name,
+            sources=[str(SOURCE)],
+            build_directory=str(directory),
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except Exception as error:  # no compiler, no ninja, a read-only cache: all mean the reference path
         failed.write_text(f"{type(error).__name__}: {error}\n")
         first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        logger.warning("parameternet_llm: could not build the CPU expert-products kernel (%s; log in %s), so the "
-                       "model runs without it; delete that file to try again.", first_line, failed)
+        logger.warning(
+            "parameternet_llm: could not build the CPU expert-products kernel (%s; log in %s), so the "
+            "model runs without it; delete that file to try again.",
+            first_line,
+            failed,
+        )
         return None
 
 
@@ -58,8 +71,9 @@ def register(kernel) -> None:
     """Registers `OP`, forward and backward, computed by the built `kernel` module."""
 
     @torch.library.custom_op(OP, mutates_args=(), device_types="cpu")
-    def expert_products(x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, group_ends: torch.Tensor,
-                        scale: torch.Tensor) -> torch.Tensor:
+    def expert_products(
+        x: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, group_ends: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
         """scale[t] * (W_e x[t]) for every token t of group e (the runs of `order` ending at `group_ends`)."""
         return kernel.expert_products(x, weight, order, group_ends, scale)
 

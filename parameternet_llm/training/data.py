@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from datasets import IterableDataset, concatenate_datasets, interleave_datasets, load_dataset
 from datasets.distributed import split_dataset_by_node
+
 from ..errors import InputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
@@ -39,20 +40,29 @@ class Source:
     @classmethod
     def from_recipe(cls, spec: dict) -> "Source":
         files = spec.get("files")
-        return cls(spec["name"], float(spec["weight"]), [files] if isinstance(files, str) else files,
-                   spec.get("hub"), spec.get("text_field", "text"))
+        return cls(
+            spec["name"],
+            float(spec["weight"]),
+            [files] if isinstance(files, str) else files,
+            spec.get("hub"),
+            spec.get("text_field", "text"),
+        )
 
 
 def _resolve_files(source: Source) -> tuple[str, list[str]]:
-    paths = sorted({path for pattern in source.files for path in glob.glob(str(Path(pattern).expanduser()), recursive=True)})
+    paths = sorted(
+        {path for pattern in source.files for path in glob.glob(str(Path(pattern).expanduser()), recursive=True)}
+    )
     if not paths:
         raise DataError(f"data source {source.name!r}: no file matches {source.files}")
     suffixes = {Path(path).suffix for path in paths}
     unknown = suffixes - FILE_BUILDERS.keys()
     builders = {FILE_BUILDERS[suffix] for suffix in suffixes - unknown}
     if unknown or len(builders) != 1:
-        raise DataError(f"data source {source.name!r}: files must all be one of {sorted(FILE_BUILDERS)}, "
-                        f"got suffixes {sorted(suffixes)}")
+        raise DataError(
+            f"data source {source.name!r}: files must all be one of {sorted(FILE_BUILDERS)}, "
+            f"got suffixes {sorted(suffixes)}"
+        )
     return builders.pop(), paths
 
 
@@ -60,24 +70,33 @@ def open_source(source: Source) -> IterableDataset:
     """The source as a stream of {"text": str}; fails with its name if missing, unreadable or empty."""
     if source.files is not None:
         builder, paths = _resolve_files(source)
-        load = lambda: load_dataset(builder, data_files=paths, split="train", streaming=True)  # noqa: E731
+        arguments = dict(path=builder, data_files=paths, split="train")
         where = f"files {paths[:3]}{' ...' if len(paths) > 3 else ''}"
     else:
         hub = source.hub
-        load = lambda: load_dataset(hub["path"], hub.get("name"), split=hub.get("split", "train"),  # noqa: E731
-                                    revision=hub.get("revision"), data_files=hub.get("data_files"), streaming=True)
+        arguments = dict(
+            path=hub["path"],
+            name=hub.get("name"),
+            split=hub.get("split", "train"),
+            revision=hub.get("revision"),
+            data_files=hub.get("data_files"),
+        )
         where = f"hub dataset {hub['path']!r}"
     try:
-        dataset = load()
+        dataset = load_dataset(**arguments, streaming=True)
         first = next(iter(dataset))
     except StopIteration:
         raise DataError(f"data source {source.name!r} is empty ({where})") from None
     except Exception as error:
-        hint = (" Without network access, point the source at local files instead, or populate the HF "
-                "datasets cache first." if source.hub is not None else "")
+        hint = (
+            " Without network access, point the source at local files instead, or populate the HF datasets cache first."
+            if source.hub is not None
+            else ""
+        )
         message = str(error).splitlines()[0] if str(error) else ""
-        raise DataError(f"data source {source.name!r}: cannot open {where} ({error.__class__.__name__}: "
-                        f"{message}).{hint}") from error
+        raise DataError(
+            f"data source {source.name!r}: cannot open {where} ({error.__class__.__name__}: {message}).{hint}"
+        ) from error
     if source.text_field not in first:
         raise DataError(f"data source {source.name!r} has no field {source.text_field!r}; fields: {sorted(first)}")
     if source.text_field != "text":
@@ -93,8 +112,9 @@ def split_validation(dataset: IterableDataset, documents: int) -> tuple[Iterable
 def mixture(streams: list[IterableDataset], weights: list[float], seed: int) -> IterableDataset:
     """Interleave the streams, drawing each document from stream i with probability weights[i] / sum."""
     total = sum(weights)
-    return interleave_datasets(streams, probabilities=[w / total for w in weights], seed=seed,
-                               stopping_strategy="all_exhausted")
+    return interleave_datasets(
+        streams, probabilities=[w / total for w in weights], seed=seed, stopping_strategy="all_exhausted"
+    )
 
 
 def tokenize_documents(documents: IterableDataset, tokenizer) -> IterableDataset:
@@ -179,8 +199,13 @@ def open_recipe_sources(data_section: dict) -> list[tuple[Source, IterableDatase
     return open_sources(data_section["sources"])
 
 
-def training_documents(opened: list[tuple[Source, IterableDataset]], seed: int, validation_documents: int,
-                       rank: int = 0, world_size: int = 1) -> IterableDataset:
+def training_documents(
+    opened: list[tuple[Source, IterableDataset]],
+    seed: int,
+    validation_documents: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> IterableDataset:
     """This process's share of the training documents: the seeded mixture of every source past its
     held-out documents, split across processes (whole shards where they divide evenly, else every
     world_size-th document)."""
@@ -189,9 +214,16 @@ def training_documents(opened: list[tuple[Source, IterableDataset]], seed: int, 
     return split_dataset_by_node(documents, rank=rank, world_size=world_size)
 
 
-def build_pretraining_data(opened: list[tuple[Source, IterableDataset]], tokenizer, seq_len: int, seed: int,
-                           validation_documents: int, validation_blocks: int, rank: int = 0,
-                           world_size: int = 1) -> PretrainingData:
+def build_pretraining_data(
+    opened: list[tuple[Source, IterableDataset]],
+    tokenizer,
+    seq_len: int,
+    seed: int,
+    validation_documents: int,
+    validation_blocks: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> PretrainingData:
     def make_tokens() -> IterableDataset:
         documents = training_documents(opened, seed, validation_documents, rank, world_size)
         return tokenize_documents(documents, tokenizer)
@@ -199,10 +231,13 @@ def build_pretraining_data(opened: list[tuple[Source, IterableDataset]], tokeniz
     validation = []
     if validation_blocks > 0:
         held_out = [split_validation(stream, validation_documents)[1] for _, stream in opened]
-        packer = PackedBlocks(lambda: tokenize_documents(concatenate_datasets(held_out), tokenizer), seq_len,
-                              repeat=False)
+        packer = PackedBlocks(
+            lambda: tokenize_documents(concatenate_datasets(held_out), tokenizer), seq_len, repeat=False
+        )
         validation = list(itertools.islice(packer, validation_blocks))
         if not validation:
-            raise DataError(f"the {validation_documents} held-out documents per source give no {seq_len}-token "
-                            "validation block; raise data.validation_documents")
+            raise DataError(
+                f"the {validation_documents} held-out documents per source give no {seq_len}-token "
+                "validation block; raise data.validation_documents"
+            )
     return PretrainingData(PackedBlocks(make_tokens, seq_len), validation)

@@ -188,13 +188,21 @@ def validate_recipe(raw: dict) -> dict:
     if recipe["tokenizer"]["train"] is not None:
         _check_keys("tokenizer.train", recipe["tokenizer"]["train"], TOKENIZER_TRAIN_KEYS)
     train = recipe["train"]
-    for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "log_every", "save_every",
-                "keep_checkpoints"):
+    for key in (
+        "max_steps",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+    ):
         if train[key] < 1:
             raise RecipeError(f"recipe key 'train.{key}' must be >= 1, got {train[key]}")
     if train["mixed_precision"] not in MIXED_PRECISION:
-        raise RecipeError(f"recipe key 'train.mixed_precision' must be one of {list(MIXED_PRECISION)}, got "
-                          f"{train['mixed_precision']!r}")
+        raise RecipeError(
+            f"recipe key 'train.mixed_precision' must be one of {list(MIXED_PRECISION)}, got "
+            f"{train['mixed_precision']!r}"
+        )
     if recipe["data"]["seq_len"] < 2:
         raise RecipeError(f"recipe key 'data.seq_len' must be >= 2, got {recipe['data']['seq_len']}")
     model_config(recipe["model"], recipe["data"]["seq_len"])  # model keys and values, before any work
@@ -242,5 +250,7 @@ def model_config(model_section: dict, seq_len: int, defaults: dict | None = None
     except (ValueError, TypeError, StrictDataclassError) as error:
         raise RecipeError(f"model section: {error}") from error
     if seq_len > config.max_position_embeddings:
-        raise RecipeError(f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}")
+        raise RecipeError(
+            f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}"
+        )
     return config

@@ -7,7 +7,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
 from ..errors import InputError
+
 
 class TokenizerError(InputError):
     """A tokenizer that cannot be loaded; the message names it."""

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..accounting import flops_per_token
-from .data import build_pretraining_data, open_recipe_sources, training_documents
 from ..errors import InputError
 from ..presets import is_parameternet
+from .data import build_pretraining_data, open_recipe_sources, training_documents
 from .recipe import RecipeError, load_recipe, model_config
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
@@ -55,8 +55,10 @@ def resolve_resume(resume, output_dir: Path) -> Path | None:
     found = checkpoints(output_dir / "checkpoints")
     if resume is None:
         if found:
-            raise RecipeError(f"{output_dir} already holds checkpoints ({found[-1].name}); set train.resume=auto to "
-                              "continue that run, or choose another output_dir")
+            raise RecipeError(
+                f"{output_dir} already holds checkpoints ({found[-1].name}); set train.resume=auto to "
+                "continue that run, or choose another output_dir"
+            )
         return None
     if resume == "auto":
         return found[-1] if found else None
@@ -108,16 +110,26 @@ class Trainer:
         with accelerator.main_process_first():
             opened = open_recipe_sources(data)
             self.tokenizer = prepare_tokenizer(recipe, opened)
-        tokenizer_ids = {"vocab_size": len(self.tokenizer), "bos_token_id": self.tokenizer.bos_token_id,
-                         "eos_token_id": self.tokenizer.eos_token_id}
+        tokenizer_ids = {
+            "vocab_size": len(self.tokenizer),
+            "bos_token_id": self.tokenizer.bos_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
         self.config = model_config(recipe["model"], data["seq_len"], defaults=tokenizer_ids)
         if self.config.vocab_size < len(self.tokenizer):
-            raise RecipeError(f"model.vocab_size={self.config.vocab_size} is smaller than the tokenizer "
-                              f"({len(self.tokenizer)} tokens)")
+            raise RecipeError(
+                f"model.vocab_size={self.config.vocab_size} is smaller than the tokenizer "
+                f"({len(self.tokenizer)} tokens)"
+            )
         self.config.use_cache = False
         self.data = build_pretraining_data(
-            opened, self.tokenizer, data["seq_len"], data["seed"], data["validation_documents"],
-            recipe["eval"]["batches"] * train["micro_batch_size"], accelerator.process_index,
+            opened,
+            self.tokenizer,
+            data["seq_len"],
+            data["seed"],
+            data["validation_documents"],
+            recipe["eval"]["batches"] * train["micro_batch_size"],
+            accelerator.process_index,
             accelerator.num_processes,
         )
         model = AutoModelForCausalLM.from_config(self.config)
@@ -128,7 +140,9 @@ class Trainer:
                 {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": train["weight_decay"]},
                 {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
             ],
-            lr=train["lr"], betas=(train["adam_beta1"], train["adam_beta2"]), eps=train["adam_eps"],
+            lr=train["lr"],
+            betas=(train["adam_beta1"], train["adam_beta2"]),
+            eps=train["adam_eps"],
             fused=True,  # one kernel per step on CUDA and CPU alike
         )
         # Stepped once per optimizer step here, so not handed to accelerate (which would step it per process).
@@ -138,8 +152,12 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
         self.train_flops_per_token = 3 * flops_per_token(self.config, data["seq_len"])
-        self.tokens_per_step = (train["micro_batch_size"] * data["seq_len"] * train["gradient_accumulation_steps"]
-                                * accelerator.num_processes)
+        self.tokens_per_step = (
+            train["micro_batch_size"]
+            * data["seq_len"]
+            * train["gradient_accumulation_steps"]
+            * accelerator.num_processes
+        )
         self.step = 0
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
@@ -158,7 +176,8 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))
         (staging / f"data_state_rank{accelerator.process_index}.json").write_text(
-            json.dumps(self.data.train.state_dict()))
+            json.dumps(self.data.train.state_dict())
+        )
         if accelerator.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step}))
         accelerator.wait_for_everyone()
@@ -173,8 +192,10 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         data_state = path / f"data_state_rank{self.accelerator.process_index}.json"
         if not data_state.is_file():
-            raise RecipeError(f"checkpoint {path} has no data state for process {self.accelerator.process_index}; "
-                              "resume with the number of processes it was saved with")
+            raise RecipeError(
+                f"checkpoint {path} has no data state for process {self.accelerator.process_index}; "
+                "resume with the number of processes it was saved with"
+            )
         self.accelerator.load_state(str(path))
         self.data.train.load_state_dict(json.loads(data_state.read_text()))
         self.step = json.loads((path / "trainer_state.json").read_text())["step"]
@@ -192,8 +213,13 @@ class Trainer:
         unwrapped = accelerator.unwrap_model(self.model)
         routed = is_parameternet(unwrapped)
         peak = peak_flops(accelerator.device)
-        progress = tqdm(total=train["max_steps"], initial=self.step, desc="pretrain", dynamic_ncols=True,
-                        disable=not (accelerator.is_main_process and train["progress_bar"]))
+        progress = tqdm(
+            total=train["max_steps"],
+            initial=self.step,
+            desc="pretrain",
+            dynamic_ncols=True,
+            disable=not (accelerator.is_main_process and train["progress_bar"]),
+        )
         window = Window()
         self.model.train()
         record = {}
@@ -215,21 +241,29 @@ class Trainer:
             evaluate_now = self.step % recipe["eval"]["every"] == 0 or self.step == train["max_steps"]
             if self.step % train["log_every"] == 0 or evaluate_now:
                 record = window.summary(accelerator, self.step, self.tokens_per_step, self.scheduler.get_last_lr()[0])
-                record["mfu"] = (None if peak is None else
-                                 self.train_flops_per_token * record["tokens_per_s"] / (peak * accelerator.num_processes))
+                record["mfu"] = (
+                    None
+                    if peak is None
+                    else self.train_flops_per_token * record["tokens_per_s"] / (peak * accelerator.num_processes)
+                )
                 record["val_loss"] = self.validation_loss() if evaluate_now and self.data.validation else None
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as stream:
                         stream.write(json.dumps(record) + "\n")
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                         tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                    )
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
                 window = Window()
             if self.step % train["save_every"] == 0 or self.step == train["max_steps"]:
                 self.save_checkpoint()
         progress.close()
-        summary = {"step": self.step, "num_processes": accelerator.num_processes, "final": record,
-                   "ranks_in_sync": self.ranks_in_sync()}
+        summary = {
+            "step": self.step,
+            "num_processes": accelerator.num_processes,
+            "final": record,
+            "ranks_in_sync": self.ranks_in_sync(),
+        }
         self.save_final(summary)
         self.close()
         return summary
@@ -238,8 +272,9 @@ class Trainer:
         """Free the prepared model and optimizer, then end the trackers and the process group. DDP's reducer
         holds the gloo group: freed only after the group was destroyed, it shut the group down at garbage
         collection, where one process was seen waiting at exit for a peer that had already gone."""
-        self.model, self.optimizer, self.scheduler = self.accelerator.free_memory(self.model, self.optimizer,
-                                                                                  self.scheduler)
+        self.model, self.optimizer, self.scheduler = self.accelerator.free_memory(
+            self.model, self.optimizer, self.scheduler
+        )
         self.accelerator.end_training()
 
     def validation_loss(self) -> float:
@@ -342,8 +377,11 @@ def run(recipe_path: str, overrides: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m parameternet_llm.training", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m parameternet_llm.training",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
     args = parser.parse_args(argv)
@@ -351,4 +389,3 @@ def main(argv: list[str] | None = None) -> None:
         run(args.config, args.overrides)
     except InputError as error:  # names the culprit; no traceback needed
         raise SystemExit(f"error: {error}") from None
-
