@@ -10,7 +10,7 @@ bench() { python3 -m parameternet_llm.cli bench "$@"; }
 layer=()  # GPU: one FFN projection of LLaMA-1B, 16384 tokens; CPU: of the cpu-small shape, 2048 tokens
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
   layer=(--tokens 2048 --in-features 256 --out-features 688)
-bench layer "${layer[@]}" --backends loop,grouped_mm "${save[@]}"
+bench layer "${layer[@]}" --backends grouped_mm,loop "${save[@]}"
 bench layer "${layer[@]}" --backends grouped_mm --capacity-factor 1.25 "${save[@]}"
 bench train "${save[@]}"                          # 8 experts on gate+up+down
 bench train --projections up_proj "${save[@]}"    # the paper's best row
