@@ -68,11 +68,7 @@ class RouterOutput:
     expert: torch.Tensor  # [T] top-1 expert of every token
     valid: torch.Tensor  # [T] real tokens (attention_mask = 1)
     keep: torch.Tensor  # [T] valid tokens within their expert's capacity
-
-    @property
-    def top_prob(self) -> torch.Tensor:
-        """[T] probability of each token's expert; 0 for padding and dropped tokens."""
-        return self.probs.gather(1, self.expert.unsqueeze(1)).squeeze(1) * self.keep
+    scale: torch.Tensor  # [T] probability of each token's expert, 0 for padding and dropped tokens
 
 
 def one_hot(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -132,10 +128,10 @@ class ParameterNetRouter(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         probs = logits.softmax(dim=-1)
-        expert = probs.argmax(dim=-1)
+        top_prob, expert = probs.max(dim=-1)  # the first of equal maxima
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         keep = valid if factor is None else capacity_keep(expert, valid, factor, self.min_capacity, self.num_experts)
-        return RouterOutput(logits, probs, expert, valid, keep)
+        return RouterOutput(logits, probs, expert, valid, keep, top_prob * keep)
 
 
 def loop_experts(x, weight, bias, expert, scale):
@@ -214,7 +210,7 @@ class RoutedLinear(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         rows, weight = rows.to(dtype), self.weight.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        scale = routing.top_prob.to(dtype)
+        scale = routing.scale.to(dtype)
         backend = self.backend
         if backend == "auto":
             backend = "grouped_mm" if grouped_mm_runs(rows, weight) else "loop"

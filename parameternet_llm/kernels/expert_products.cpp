@@ -8,7 +8,6 @@
 // the sorted copies of the input and output that tensor ops make (and their gradients) never exist in full.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -62,25 +61,6 @@ void scatter_scaled(at::Tensor& dst, const at::Tensor& src, const at::Tensor& in
       scalar_t* __restrict__ out = to + row[r] * width;
       const scalar_t f = factor[r];
       for (int64_t c = 0; c < width; ++c) out[c] = in[c] * f;
-    }
-  });
-}
-
-// dst[index[r]] = <a[r], b[r]> for each row r of `a` and `b` [n, width]; all contiguous.
-void scatter_row_dots(at::Tensor& dst, const at::Tensor& a, const at::Tensor& b, const at::Tensor& index) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "scatter_row_dots", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t width = a.size(1);
-    const scalar_t* left = a.data_ptr<scalar_t>();
-    const scalar_t* right = b.data_ptr<scalar_t>();
-    const int64_t* row = index.data_ptr<int64_t>();
-    scalar_t* to = dst.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < a.size(0); ++r) {
-      const scalar_t* __restrict__ u = left + r * width;
-      const scalar_t* __restrict__ v = right + r * width;
-      acc_t sum = 0;
-      for (int64_t c = 0; c < width; ++c) sum += static_cast<acc_t>(u[c]) * static_cast<acc_t>(v[c]);
-      to[row[r]] = static_cast<scalar_t>(sum);
     }
   });
 }
@@ -140,7 +120,7 @@ std::vector<at::Tensor> expert_products_backward(const at::Tensor& grad, const a
       const auto inputs = x.index_select(0, rows);
       auto grads = grad.index_select(0, rows);
       const auto input_grads = at::mm(grads, weight[e]);  // W_e^T g; <W_e^T g, x> = <g, W_e x> is the scale's gradient
-      scatter_row_dots(grad_scale, input_grads, inputs, rows);
+      grad_scale.index_copy_(0, rows, (input_grads * inputs).sum(1));
       scatter_scaled(grad_x, input_grads, rows, chunk_scale);
       grads.mul_(chunk_scale.unsqueeze(1));
       if (start == bounds[e]) {
