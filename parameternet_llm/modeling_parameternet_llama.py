@@ -248,10 +248,11 @@ class ParameterNetLlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, routing_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`routing_mask` [batch, seq]: 1 for tokens to route, 0 for padding."""
+        valid = token_mask(routing_mask, x.reshape(-1, x.shape[-1]))  # once for every routed projection
 
         def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
             projection = getattr(self, name)
-            return projection(inputs, routing_mask)[0] if isinstance(projection, RoutedLinear) else projection(inputs)
+            return projection(inputs, valid)[0] if isinstance(projection, RoutedLinear) else projection(inputs)
 
         return project("down_proj", self.act_fn(project("gate_proj", x)) * project("up_proj", x))
 
