@@ -114,6 +114,27 @@ def demo_command(args: argparse.Namespace) -> None:
     run_demo(args.output, args.preset)
 
 
+def upcycle_command(args: argparse.Namespace) -> None:
+    from .training.recipe import parse_override
+    from .upcycling import UpcycleOptions, upcycle
+
+    routing = {".".join(keys): value for keys, value in map(parse_override, args.overrides)}
+    routing.update(num_experts=args.experts, moe_projections=args.projections.split(","))
+    if args.layers is not None:
+        routing["moe_layers"] = [int(layer) for layer in args.layers.split(",")]
+    options = UpcycleOptions(args.expert_noise, args.drop_fraction, args.router_init, args.seed)
+    config = upcycle(args.dense_dir, args.output_dir, options, args.max_shard_size, **routing)
+    params = count_parameters(config)
+    tokenizer = any((Path(args.output_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    print(
+        f"wrote {args.output_dir}: {human(params['total'])} parameters, {human(params['active'])} active per token; "
+        f"{config.num_experts} experts on {', '.join(config.moe_projections)}; expert_scale {config.expert_scale}, "
+        f"capacity_factor {config.capacity_factor}; "
+        + ("the dense function is kept at step 0" if options.preserves_function else "experts perturbed")
+        + ("" if tokenizer else "; no tokenizer in the dense directory, none copied")
+    )
+
+
 def bench_command(args: argparse.Namespace) -> None:
     import datetime
     import shlex
@@ -248,6 +269,33 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens")
     command.add_argument("--new-tokens", type=int, default=128, help="decode: generated tokens")
     command.set_defaults(handler=bench_command)
+
+    command = commands.add_parser(
+        "upcycle", help="turn a dense LLaMA checkpoint into a ParameterNet whose experts start as its projections"
+    )
+    command.add_argument("dense_dir", help="LlamaForCausalLM checkpoint directory (safetensors, with its tokenizer)")
+    command.add_argument("output_dir", help="directory for the ParameterNet checkpoint (must not exist or be empty)")
+    command.add_argument("--experts", type=int, default=8, help="experts per routed projection")
+    command.add_argument("--projections", default="up_proj", help="comma-separated: gate_proj, up_proj, down_proj")
+    command.add_argument("--layers", help="comma-separated decoder layers to route (default: all)")
+    command.add_argument(
+        "--router-init", type=float, help="std of the routers' normal init (default: the config's initializer_range)"
+    )
+    command.add_argument("--expert-noise", type=float, default=0.0, help="Gaussian noise on each copy, x its std")
+    command.add_argument(
+        "--drop-fraction", type=float, default=0.0, help="share of each copy's channels re-drawn (Drop-Upcycling)"
+    )
+    command.add_argument("--seed", type=int, default=0, help="seed of the router init, noise and re-drawn channels")
+    command.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard written")
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="another routing field of the config, e.g. --set capacity_factor=1.25 (repeatable)",
+    )
+    command.set_defaults(handler=upcycle_command)
 
     command = commands.add_parser("make-corpus", help="generate the embedded corpus (JSONL) and its world")
     command.add_argument("--output", required=True, help="directory to write")

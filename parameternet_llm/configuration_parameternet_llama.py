@@ -13,8 +13,12 @@ MoeProjection = Literal["gate_proj", "up_proj", "down_proj"]
 # How a routed linear runs its experts: "grouped_mm" sorts the tokens by expert for one grouped product, "loop"
 # multiplies expert by expert, "auto" takes grouped_mm wherever the operands allow it.
 MoeBackend = Literal["auto", "grouped_mm", "loop"]
+# What multiplies the chosen expert's output: "probability" is p, Switch's and the paper's choice; "straight_through"
+# is 1 in the forward with p's gradient, so expert copies of a dense projection reproduce it exactly (upcycling).
+ExpertScale = Literal["probability", "straight_through"]
 MOE_PROJECTIONS = get_args(MoeProjection)
 MOE_BACKENDS = get_args(MoeBackend)
+EXPERT_SCALES = get_args(ExpertScale)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_parameternet_llama.ParameterNetLlamaConfig",
@@ -41,6 +45,8 @@ class ParameterNetLlamaConfig(LlamaConfig):
         router_z_loss_coef (`float`, defaults to 0.0): weight of the router z-loss.
         router_jitter_noise (`float`, defaults to 0.0): multiplicative U(1-eps, 1+eps) noise on the
             router input in training.
+        expert_scale (`str`, defaults to `"probability"`): the factor on the chosen expert's output: its
+            router probability p, or `"straight_through"`: 1 in the forward, p's gradient in the backward.
         moe_backend (`str`, defaults to `"auto"`): expert dispatch, one of `MOE_BACKENDS`.
         output_router_logits (`bool`, defaults to False): return each routed linear's router logits.
     """
@@ -63,6 +69,7 @@ class ParameterNetLlamaConfig(LlamaConfig):
     router_aux_loss_coef: float | int = 0.01
     router_z_loss_coef: float | int = 0.0
     router_jitter_noise: float | int = 0.0
+    expert_scale: ExpertScale = "probability"
     moe_backend: MoeBackend = "auto"
     output_router_logits: bool = False
 

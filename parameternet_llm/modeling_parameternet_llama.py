@@ -68,7 +68,7 @@ class RouterOutput:
     expert: torch.Tensor  # [T] top-1 expert of every token
     valid: torch.Tensor  # [T] real tokens (attention_mask = 1)
     keep: torch.Tensor  # [T] valid tokens within their expert's capacity
-    scale: torch.Tensor  # [T] probability of each token's expert, 0 for padding and dropped tokens
+    scale: torch.Tensor  # [T] factor on each token's expert output (see expert_scale), 0 for padding and dropped
 
 
 def one_hot(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -109,7 +109,9 @@ def routing_summary(routings: list[RouterOutput]):
 
 class ParameterNetRouter(nn.Module):
     """Top-1 router with Switch capacity: float32 logits, softmax, the most probable expert, and the valid
-    tokens that fit within capacity (the training factor in train mode, the eval factor in eval mode)."""
+    tokens that fit within capacity (the training factor in train mode, the eval factor in eval mode). The
+    scale is the expert's probability p, or with `expert_scale="straight_through"` p - p.detach() + 1: exactly
+    1 in the forward, p's gradient in the backward."""
 
     def __init__(self, config: ParameterNetLlamaConfig, in_features: int):
         super().__init__()
@@ -118,6 +120,7 @@ class ParameterNetRouter(nn.Module):
         self.eval_capacity_factor = config.eval_capacity_factor
         self.min_capacity = config.min_capacity
         self.jitter_noise = config.router_jitter_noise
+        self.straight_through = config.expert_scale == "straight_through"
         self.weight = nn.Parameter(torch.empty(config.num_experts, in_features))
         nn.init.normal_(self.weight, std=config.initializer_range)
 
@@ -131,7 +134,8 @@ class ParameterNetRouter(nn.Module):
         top_prob, expert = probs.max(dim=-1)  # the first of equal maxima
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         keep = valid if factor is None else capacity_keep(expert, valid, factor, self.min_capacity, self.num_experts)
-        return RouterOutput(logits, probs, expert, valid, keep, top_prob * keep)
+        scale = top_prob - top_prob.detach() + 1 if self.straight_through else top_prob
+        return RouterOutput(logits, probs, expert, valid, keep, scale * keep)
 
 
 def loop_experts(x, weight, bias, expert, scale):
@@ -179,8 +183,8 @@ class RoutedLinear(nn.Module):
     """A linear layer made of `config.num_experts` matrices, each token using the top-1 of a float32 router.
 
     Parameters: `router.weight` [E, in] and `weight` [E, out, in] (and `bias` [E, out] with `config.mlp_bias`).
-    The output for a token is p * (W_e x + b_e), p the router probability of its expert e; padding and tokens
-    past their expert's capacity get 0.
+    The output for a token is p * (W_e x + b_e), p the router probability of its expert e (or 1 in the forward
+    with `expert_scale="straight_through"`); padding and tokens past their expert's capacity get 0.
     """
 
     def __init__(self, config: ParameterNetLlamaConfig, in_features: int, out_features: int):

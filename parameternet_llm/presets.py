@@ -40,6 +40,10 @@ TABLE7_ROUTING = {
 }
 
 
+# The config fields ParameterNet adds to LLaMA's.
+ROUTING_FIELDS = frozenset(ParameterNetLlamaConfig().to_dict()) - frozenset(LlamaConfig().to_dict()) - {"auto_map"}
+
+
 def table7_configs(shape: dict = LLAMA_1B) -> dict[str, LlamaConfig]:
     """Table 7's rows as configs of `shape`."""
     return {

@@ -1,4 +1,6 @@
 import os
+import textwrap
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -8,7 +10,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from parameternet_llm import ParameterNetLlamaConfig, RoutedLinear  # noqa: E402
+from parameternet_llm.demo.corpus import generate_corpus  # noqa: E402
 from parameternet_llm.kernels import reference_only  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_SHAPE = dict(
     vocab_size=96,
@@ -71,3 +76,34 @@ def dispatch(request):
             yield request.param
     else:
         yield request.param
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """A small corpus and recipes that train the repo's tiny recipes on it in seconds."""
+    root = tmp_path_factory.mktemp("pretrain")
+    corpus = generate_corpus(root / "corpus", num_tokens=150_000, seed=0)
+    recipes = {}
+    for name in ("tiny", "tiny-dense"):
+        recipe = root / f"{name}.yaml"
+        recipe.write_text(
+            textwrap.dedent(f"""
+            base: {REPO / "recipes" / (name + ".yaml")}
+            output_dir: {root / "runs" / name}
+            model: {{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 2}}
+            data:
+              seq_len: 64
+              validation_documents: 20
+              corpus: {{path: {corpus}, num_tokens: 150000, seed: 0}}
+              sources:
+                - {{name: web, weight: 0.682, files: {corpus}/web/*.jsonl}}
+                - {{name: wiki, weight: 0.205, files: {corpus}/wiki/*.jsonl}}
+                - {{name: arxiv, weight: 0.114, files: {corpus}/arxiv/*.jsonl}}
+            tokenizer: {{path: {root / "tokenizer"}, train: {{vocab_size: 512, max_documents: 2000}}}}
+            train: {{max_steps: 12, micro_batch_size: 4, warmup_steps: 2, log_every: 2, save_every: 4,
+                     keep_checkpoints: 2, progress_bar: false}}
+            eval: {{every: 6, batches: 2}}
+        """)
+        )
+        recipes[name] = recipe
+    return root, recipes

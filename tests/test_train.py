@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from parameternet_llm.demo.corpus import generate_corpus
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.recipe import load_recipe
 from parameternet_llm.training.train import Trainer, checkpoints, run
 
-REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {
     "step",
     "loss",
@@ -33,37 +31,6 @@ METRIC_KEYS = {
     "val_loss",
 }
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss", "expert_load_max", "dropped_frac")
-
-
-@pytest.fixture(scope="session")
-def small_world(tmp_path_factory):
-    """A small corpus and recipes that train the repo's tiny recipes on it in seconds."""
-    root = tmp_path_factory.mktemp("pretrain")
-    corpus = generate_corpus(root / "corpus", num_tokens=150_000, seed=0)
-    recipes = {}
-    for name in ("tiny", "tiny-dense"):
-        recipe = root / f"{name}.yaml"
-        recipe.write_text(
-            textwrap.dedent(f"""
-            base: {REPO / "recipes" / (name + ".yaml")}
-            output_dir: {root / "runs" / name}
-            model: {{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 2}}
-            data:
-              seq_len: 64
-              validation_documents: 20
-              corpus: {{path: {corpus}, num_tokens: 150000, seed: 0}}
-              sources:
-                - {{name: web, weight: 0.682, files: {corpus}/web/*.jsonl}}
-                - {{name: wiki, weight: 0.205, files: {corpus}/wiki/*.jsonl}}
-                - {{name: arxiv, weight: 0.114, files: {corpus}/arxiv/*.jsonl}}
-            tokenizer: {{path: {root / "tokenizer"}, train: {{vocab_size: 512, max_documents: 2000}}}}
-            train: {{max_steps: 12, micro_batch_size: 4, warmup_steps: 2, log_every: 2, save_every: 4,
-                     keep_checkpoints: 2, progress_bar: false}}
-            eval: {{every: 6, batches: 2}}
-        """)
-        )
-        recipes[name] = recipe
-    return root, recipes
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -8,6 +8,7 @@ an error that names the key before anything runs.
 
 import copy
 import difflib
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,19 @@ from transformers import LlamaConfig
 
 from ..configuration_parameternet_llama import ParameterNetLlamaConfig
 from ..errors import InputError
+from ..presets import ROUTING_FIELDS, is_parameternet
+from ..upcycling import UpcycleOptions, read_checkpoint_config, upcycled_config
+
+# Routing fields that fix the shapes of the expert banks.
+STRUCTURE_FIELDS = ("num_experts", "moe_projections", "moe_layers")
 
 # Values that may be null are marked by None defaults; their type is not checked.
 DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/run",
     # Config fields of ParameterNetLlamaConfig (or LlamaConfig when dense). vocab_size defaults to the
-    # tokenizer's size; bos/eos ids come from the tokenizer.
+    # tokenizer's size; bos/eos ids come from the tokenizer. `init_from: DIR` starts from a checkpoint: a
+    # dense LLaMA (continued with dense: true, else upcycled with the routing fields and the options in
+    # `upcycling`) or a ParameterNet; the shape is then the checkpoint's.
     "model": {},
     "data": {
         "seq_len": 256,
@@ -34,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "sources": [],
     },
     "tokenizer": {
-        # A directory with a transformers tokenizer, or a hub id.
+        # A directory with a transformers tokenizer, or a hub id (null: model.init_from's tokenizer).
         "path": None,
         # If set and `path` holds no tokenizer yet: train one there from the training documents.
         "train": None,
@@ -183,7 +191,7 @@ def validate_recipe(raw: dict) -> dict:
     corpus = recipe["data"]["corpus"]
     if corpus is not None:
         _check_keys("data.corpus", corpus, CORPUS_KEYS, required={"path"})
-    if recipe["tokenizer"]["path"] is None:
+    if recipe["tokenizer"]["path"] is None and recipe["model"].get("init_from") is None:
         raise RecipeError("recipe key 'tokenizer.path' is not set: name a tokenizer directory or hub id")
     if recipe["tokenizer"]["train"] is not None:
         _check_keys("tokenizer.train", recipe["tokenizer"]["train"], TOKENIZER_TRAIN_KEYS)
@@ -230,27 +238,82 @@ def _check_source(index: int, source):
         _check_keys(f"{where}.hub", source["hub"], HUB_KEYS, required={"path"})
 
 
-ROUTING_FIELDS = set(ParameterNetLlamaConfig().to_dict()) - set(LlamaConfig().to_dict())
-
-
 def model_config(model_section: dict, seq_len: int, defaults: dict | None = None) -> LlamaConfig:
     """The recipe's model section as a config (LlamaConfig when `dense: true`, else ParameterNet's),
-    with `defaults` (vocab_size, special token ids) filled in where the section is silent."""
+    with `defaults` (vocab_size, special token ids) filled in where the section is silent. With
+    `init_from: DIR` the shape comes from that checkpoint (see `init_from_config`)."""
     fields = dict(model_section)
     dense = fields.pop("dense", False)
+    init_from = fields.pop("init_from", None)
+    upcycling = fields.pop("upcycling", None)
     known = set(LlamaConfig().to_dict()) | (set() if dense else ROUTING_FIELDS)
     for key in fields:
         if key not in known:
             hint = " (routing fields need dense: false)" if key in ROUTING_FIELDS else _suggest(key, known)
             raise RecipeError(f"unknown recipe key 'model.{key}'{hint}")
-    for key, value in (defaults or {}).items():
-        fields.setdefault(key, value)
-    try:
-        config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        raise RecipeError(f"model section: {error}") from error
+    if init_from is not None:
+        config = init_from_config(str(init_from), dense, fields, upcycling)
+    elif upcycling is not None:
+        raise RecipeError("recipe key 'model.upcycling' needs model.init_from (a dense checkpoint directory)")
+    else:
+        for key, value in (defaults or {}).items():
+            fields.setdefault(key, value)
+        try:
+            config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
+        except (ValueError, TypeError, StrictDataclassError) as error:
+            raise RecipeError(f"model section: {error}") from error
     if seq_len > config.max_position_embeddings:
         raise RecipeError(
             f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}"
         )
     return config
+
+
+def init_from_config(init_from: str, dense: bool, fields: dict, upcycling: dict | None) -> LlamaConfig:
+    """The config of training that starts from checkpoint `init_from`: a dense LLaMA continued as it is
+    (`dense: true`) or upcycled with the section's routing fields, or a ParameterNet continued with its own
+    expert banks (other routing fields, such as capacity_factor, may change)."""
+    where = f"model.init_from={init_from!r}"
+    shape = sorted(set(fields) - ROUTING_FIELDS)
+    if shape:
+        raise RecipeError(f"recipe key 'model.{shape[0]}' cannot be set beside {where}: the shape is the checkpoint's")
+    try:
+        base = read_checkpoint_config(init_from)
+    except InputError as error:
+        raise RecipeError(f"{where}: {error}") from error
+    if dense or not is_parameternet(base):
+        if dense and is_parameternet(base):
+            raise RecipeError(f"{where} is a ParameterNet checkpoint: remove model.dense to continue training it")
+        if dense:
+            return base
+        upcycle_options({"upcycling": upcycling})
+        try:
+            return upcycled_config(base, **fields)
+        except InputError as error:
+            raise RecipeError(f"upcycling {where}: {error}") from error
+    if upcycling is not None:
+        raise RecipeError(f"recipe key 'model.upcycling' applies to a dense checkpoint; {where} is a ParameterNet")
+    for key in STRUCTURE_FIELDS:
+        given = fields.get(key, getattr(base, key))
+        given = [given] if key == "moe_projections" and isinstance(given, str) else given
+        if given != getattr(base, key):
+            raise RecipeError(
+                f"recipe key 'model.{key}'={given!r} differs from {init_from}'s {getattr(base, key)!r}: the expert "
+                "banks come from the checkpoint"
+            )
+    try:
+        config = ParameterNetLlamaConfig(**{**base.to_dict(), **fields})
+        config.validate_routing()
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise RecipeError(f"model section: {error}") from error
+    return config
+
+
+def upcycle_options(model_section: dict) -> UpcycleOptions:
+    """The section's `upcycling` mapping (expert_noise, drop_fraction, router_std, seed) as options."""
+    given = model_section.get("upcycling") or {}
+    _check_keys("model.upcycling", given, {field.name for field in fields_of(UpcycleOptions)})
+    try:
+        return UpcycleOptions(**given)
+    except (InputError, TypeError) as error:
+        raise RecipeError(f"recipe key 'model.upcycling': {error}") from error

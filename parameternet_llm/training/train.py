@@ -18,14 +18,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..accounting import flops_per_token
 from ..errors import InputError
+from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 from ..presets import is_parameternet
+from ..upcycling import read_checkpoint_config, upcycled_model
 from .data import build_pretraining_data, open_recipe_sources, training_documents
-from .recipe import RecipeError, load_recipe, model_config
+from .recipe import RecipeError, load_recipe, model_config, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
 CHECKPOINT_PREFIX = "step-"
@@ -35,13 +37,25 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 def prepare_tokenizer(recipe: dict, opened) -> object:
     section = recipe["tokenizer"]
-    path = section["path"]
+    path = section["path"] or recipe["model"]["init_from"]
     if section["train"] is not None and not has_tokenizer(path):
         options = section["train"]
         documents = training_documents(opened, recipe["data"]["seed"], recipe["data"]["validation_documents"])
         texts = (document["text"] for document in documents.take(options.get("max_documents", 20000)))
         return train_tokenizer(texts, path, options.get("vocab_size", 8000))
     return load_tokenizer(path)
+
+
+def initial_model(model_section: dict, config) -> torch.nn.Module:
+    """The model training starts from: newly initialised, or `model.init_from`'s weights (in float32), upcycled
+    when the checkpoint is dense and the config is ParameterNet's."""
+    init_from = model_section.get("init_from")
+    if init_from is None:
+        return AutoModelForCausalLM.from_config(config)
+    if is_parameternet(config) and not is_parameternet(read_checkpoint_config(init_from)):
+        return upcycled_model(init_from, config, upcycle_options(model_section))
+    model_class = ParameterNetLlamaForCausalLM if is_parameternet(config) else LlamaForCausalLM
+    return model_class.from_pretrained(init_from, config=config, dtype=torch.float32)
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -132,7 +146,7 @@ class Trainer:
             accelerator.process_index,
             accelerator.num_processes,
         )
-        model = AutoModelForCausalLM.from_config(self.config)
+        model = initial_model(recipe["model"], self.config)
         if train["gradient_checkpointing"]:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         optimizer = torch.optim.AdamW(
