@@ -21,6 +21,7 @@ def micro_preset(monkeypatch):
             max_steps=6, micro_batch_size=4, lr=3e-3, warmup_steps=1, log_every=2, save_every=3, progress_bar=False
         ),
         variants={"dense": {"dense": True}, "up_proj x4": {"num_experts": 4, "moe_projections": ["up_proj"]}},
+        upcycling={"num_experts": 4, "moe_projections": ["up_proj"]},
     )
     monkeypatch.setitem(demo.PRESETS, "micro", preset)
     monkeypatch.setattr(demo, "TASK_NAMES", ("pnet_boolq",))
@@ -43,6 +44,24 @@ def test_demo_writes_the_comparison_and_continues_after_an_interruption(micro_pr
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loads = json.loads((tmp_path / "expert_load.json").read_text())
     assert list(loads) == ["up_proj x4"] and all(abs(sum(v) - 1) < 1e-4 for v in loads["up_proj x4"].values())
+
+    # The upcycling comparison: the dense model continued as it is and upcycled, beside from-scratch training.
+    upcycling = results["upcycling"]
+    assert [row["name"] for row in upcycling["rows"]] == [
+        "dense",
+        "dense-continued",
+        "up_proj-x4-upcycled",
+        "up_proj-x4-2x-steps",
+    ]
+    diagnostics = upcycling["diagnostics"]
+    assert diagnostics["step_0_val_loss"] == pytest.approx(diagnostics["dense_val_loss"], rel=1e-4)
+    assert diagnostics["step_0"]["expert_divergence"] < 1e-9 < diagnostics["end"]["expert_divergence"]
+    runs = tmp_path / "runs"
+    continued_metrics = (runs / "up_proj-x4-upcycled" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(continued_metrics[-1])["tokens"] == 6 * 4 * 64
+    assert json.loads((runs / "up_proj-x4-2x-steps" / "summary.json").read_text())["step"] == 12
+    assert "## Upcycling: does it pay?" in report and "Upcycled vs dense, both continued" in report
+    assert (tmp_path / "upcycling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
 
     # An interrupted rerun: one training run lost its end and its scores; everything else is reused.

@@ -107,6 +107,18 @@ def test_resumed_stream_continues_where_it_stopped_across_epochs(tmp_path):
     assert got == expected
 
 
+def test_skipped_blocks_are_passed_over_once_and_not_again_on_resume(tmp_path):
+    source = Source("docs", 1.0, files=[str(write_jsonl(tmp_path / "d.jsonl", [f"doc {i} " * 3 for i in range(10)]))])
+    tokens = lambda: tokenize_documents(open_source(source), CharTokenizer())  # noqa: E731
+    everything = [block.tolist() for block in itertools.islice(PackedBlocks(tokens, seq_len=16), 12)]
+    skipping = PackedBlocks(tokens, seq_len=16, skip=5)
+    stream = iter(skipping)
+    assert [next(stream).tolist() for _ in range(3)] == everything[5:8]
+    resumed = PackedBlocks(tokens, seq_len=16, skip=5)
+    resumed.load_state_dict(json.loads(json.dumps(skipping.state_dict())))
+    assert [block.tolist() for block in itertools.islice(resumed, 4)] == everything[8:12]
+
+
 def test_validation_blocks_are_the_same_on_every_process(three_sources, tmp_path):
     tokenizer = CharTokenizer()
     opened = open_sources(three_sources)

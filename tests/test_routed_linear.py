@@ -13,6 +13,7 @@ from transformers.models.switch_transformers.modeling_switch_transformers import
 )
 
 from parameternet_llm import RoutedLinear
+from parameternet_llm.configuration_parameternet_llama import EXPERT_SCALES
 from parameternet_llm.kernels import reference_only
 from parameternet_llm.modeling_parameternet_llama import grouped_mm_runs, routing_summary
 
@@ -152,6 +153,30 @@ def test_router_gets_gradient_through_top1_probability():
     layer = make_layer("grouped_mm", capacity_factor=None)
     layer(torch.randn(20, 16))[0].square().sum().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.usefixtures("dispatch")
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_straight_through_scale_is_one_forward_and_the_probability_backward(backend):
+    """expert_scale="straight_through": the output is W_e x exactly, the router's gradient is the one the
+    probability scale gives for the same upstream gradient, and the experts' gradient loses the factor p."""
+    x, upstream = torch.randn(20, 16), torch.randn(20, 24)
+    layers = {scale: make_layer(backend, capacity_factor=1.0, expert_scale=scale) for scale in EXPERT_SCALES}
+    straight, probability = layers["straight_through"], layers["probability"]
+    probability.load_state_dict(straight.state_dict())
+    outputs = {}
+    for scale, layer in layers.items():
+        out, routing = layer(x)
+        (out * upstream).sum().backward()
+        outputs[scale] = (out, routing)
+    (out, routing), (p_out, p_routing) = outputs["straight_through"], outputs["probability"]
+    kept = routing.keep
+    assert torch.equal(routing.scale, kept.float()) and 0 < kept.sum() < 20
+    assert_fp32_close(out[kept], torch.einsum("toi,ti->to", straight.weight[routing.expert], x)[kept])
+    assert torch.equal(out[~kept], torch.zeros_like(out[~kept]))
+    assert_fp32_close(out * p_routing.scale.unsqueeze(1), p_out)
+    assert_fp32_close(straight.router.weight.grad, probability.router.weight.grad)
+    assert not torch.allclose(straight.weight.grad, probability.weight.grad)
 
 
 def one_hot_router_layer(backend, capacity_factor, min_capacity):

@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM, MixtralConfig
 
 from parameternet_llm.cli import main
+from parameternet_llm.errors import InputError
+from parameternet_llm.training.recipe import load_recipe, model_config
 from parameternet_llm.training.tokenizer import train_tokenizer
+from parameternet_llm.training.train import Trainer, run
 from parameternet_llm.upcycling import (
     UpcycleError,
     UpcycleOptions,
@@ -336,3 +339,86 @@ def test_command_line_upcycles_and_reports_errors_in_one_line(tmp_path, tokenize
     assert (
         str(exit_info.value) == f"error: {out} is already a ParameterNet checkpoint (model_type 'parameternet_llama')"
     )
+
+
+@pytest.fixture(scope="module")
+def trained_dense(small_world):
+    """A dense run of the tiny recipe; its final checkpoint is what the recipes below start from."""
+    root, recipes = small_world
+    out = root / "runs" / "dense-for-upcycling"
+    if not (out / "final").is_dir():
+        run(str(recipes["tiny-dense"]), [f"output_dir={out}", "train.max_steps=6", "eval.every=6"])
+    return recipes["tiny-dense"], out
+
+
+def init_from(checkpoint: Path, *overrides: str) -> list[str]:
+    return ["model.dense=false", f"model.init_from={checkpoint}", "tokenizer.path=null", *overrides]
+
+
+def test_recipe_upcycles_a_dense_checkpoint_and_starts_at_its_loss(trained_dense, tmp_path):
+    recipe, dense_run = trained_dense
+    dense_val_loss = json.loads((dense_run / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"]
+    continued = Trainer(
+        load_recipe(recipe, [f"output_dir={tmp_path / 'dense'}", f"model.init_from={dense_run / 'final'}"])
+    )
+    assert continued.validation_loss() == pytest.approx(dense_val_loss, rel=1e-5)
+    overrides = init_from(dense_run / "final", "model.num_experts=4", "model.upcycling={drop_fraction: 0.5}")
+    trainer = Trainer(load_recipe(recipe, [f"output_dir={tmp_path / 'dropped'}", *overrides]))
+    assert trainer.validation_loss() != pytest.approx(dense_val_loss, rel=1e-4)  # half of every copy re-drawn
+
+    trainer = Trainer(load_recipe(recipe, [f"output_dir={tmp_path / 'up'}", "train.max_steps=4", *overrides[:-1]]))
+    assert trainer.validation_loss() == pytest.approx(dense_val_loss, rel=1e-4)
+    summary = trainer.run()
+    assert summary["step"] == 4
+    config = json.loads((tmp_path / "up" / "final" / "config.json").read_text())
+    assert (config["num_experts"], config["expert_scale"], config["capacity_factor"]) == (4, "straight_through", None)
+    assert (tmp_path / "up" / "final" / "tokenizer.json").is_file()
+
+
+def test_accelerate_launch_trains_and_resumes_from_an_upcycled_checkpoint(trained_dense, tmp_path):
+    recipe, dense_run = trained_dense
+    upcycled = tmp_path / "upcycled"
+    upcycle(dense_run / "final", upcycled, num_experts=8, moe_projections=["up_proj", "down_proj"])
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "parameternet_llm.training"]
+    launch += ["--config", str(recipe), f"output_dir={out}", *init_from(upcycled), "train.save_every=2"]
+    first = subprocess.run([*launch, "train.max_steps=4"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([*launch, "train.max_steps=6"], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "at step 4" in second.stdout + second.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+    assert json.loads((out / "final" / "config.json").read_text())["num_experts"] == 8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.hidden_size=48"], "'model.hidden_size' differs from"),
+        (["model.num_experts=1"], "num_experts=1: upcycling needs at least 2"),
+        (["model.upcycling={drop_fraction: 1.5}"], "drop_fraction=1.5 must be in [0, 1)"),
+        (["model.upcycling={dropout: 0.1}"], "unknown recipe key 'model.upcycling.dropout'"),
+        (["model.init_from=/nonexistent"], "model.init_from='/nonexistent': /nonexistent is not a checkpoint"),
+    ],
+)
+def test_bad_init_from_recipes_fail_before_training(trained_dense, tmp_path, overrides, message):
+    recipe, dense_run = trained_dense
+    with pytest.raises(InputError) as error:
+        load_recipe(recipe, [f"output_dir={tmp_path}", *init_from(dense_run / "final"), *overrides])
+    assert message in str(error.value)
+
+
+def test_a_parameternet_checkpoint_keeps_its_expert_banks(trained_dense, tmp_path):
+    recipe, dense_run = trained_dense
+    upcycle(dense_run / "final", tmp_path / "upcycled", num_experts=4)
+    base = init_from(tmp_path / "upcycled")
+    with pytest.raises(InputError, match="'model.num_experts'=8 differs from"):
+        load_recipe(recipe, [*base, "model.num_experts=8"])
+    with pytest.raises(InputError, match="applies to a dense checkpoint"):
+        load_recipe(recipe, [*base, "model.upcycling={seed: 1}"])
+    with pytest.raises(InputError, match="remove model.dense"):
+        load_recipe(recipe, [*base, "model.dense=true"])
+    config = model_config(load_recipe(recipe, [*base, "model.capacity_factor=1.25"])["model"], 64)
+    assert (config.num_experts, config.capacity_factor, config.expert_scale) == (4, 1.25, "straight_through")

@@ -9,7 +9,14 @@ from ..evaluation.harness import format_table
 from ..evaluation.offline_tasks import CHANCE
 
 
-def plot_losses(runs: dict[str, Path], path: Path) -> None:
+def plot_losses(
+    runs: dict[str, Path],
+    path: Path,
+    offsets: dict[str, int] | None = None,
+    title: str = "Same FLOPs, same data: dense LLaMA vs ParameterNet",
+) -> None:
+    """Train and validation loss of every run against its training tokens (plus its offset: tokens a run it
+    continues trained on)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,12 +26,16 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     for index, (variant, run_dir) in enumerate(runs.items()):
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         color = f"C{index}"
+        offset = (offsets or {}).get(variant, 0)
         axis.plot(
-            [m["tokens"] / 1e6 for m in lines], [m["lm_loss"] for m in lines], color=color, label=f"{variant} train"
+            [(offset + m["tokens"]) / 1e6 for m in lines],
+            [m["lm_loss"] for m in lines],
+            color=color,
+            label=f"{variant} train",
         )
         validated = [m for m in lines if m.get("val_loss") is not None]
         axis.plot(
-            [m["tokens"] / 1e6 for m in validated],
+            [(offset + m["tokens"]) / 1e6 for m in validated],
             [m["val_loss"] for m in validated],
             "o--",
             color=color,
@@ -33,7 +44,7 @@ def plot_losses(runs: dict[str, Path], path: Path) -> None:
     axis.set_xlabel("training tokens (millions)")
     axis.set_ylabel("language-model loss")
     axis.set_yscale("log")
-    axis.set_title("Same FLOPs, same data: dense LLaMA vs ParameterNet")
+    axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -111,7 +122,50 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(output: Path, preset_name: str, description: str, rows: list[dict]) -> str:
+def upcycling_section(upcycling: dict, tasks: list[str]) -> list[str]:
+    """The continued-training comparison: dense continued, upcycled, and from scratch on the same tokens."""
+    rows = {row["variant"]: row for row in upcycling["rows"]}
+    dense, continued = rows["dense"], rows["dense, continued"]
+    upcycled = next(row for variant, row in rows.items() if variant.endswith("upcycled"))
+    scratch = next(row for variant, row in rows.items() if variant.endswith("from scratch"))
+    steps, millions = upcycling["steps"], upcycling["tokens"] / 1e6
+    diagnostics = upcycling["diagnostics"]
+    start, end = diagnostics["step_0"], diagnostics["end"]
+
+    def versus(row, other) -> str:
+        delta = row["val_loss"] - other["val_loss"]
+        return (
+            f"validation loss {row['val_loss']:.3f} vs {other['val_loss']:.3f} ({'lower' if delta < 0 else 'higher'} "
+            f"by {abs(delta):.3f}), average accuracy {100 * row['average']:.2f} vs {100 * other['average']:.2f}"
+        )
+
+    return [
+        "## Upcycling: does it pay?",
+        "",
+        f"`{dense['name']}` ({millions:.2f}M tokens) trained on for {steps} more steps (new warm-up and cosine "
+        f"schedule) on the {millions:.2f}M tokens that follow the ones it saw: as it is (`{continued['name']}`) and "
+        f"upcycled (`{upcycled['name']}`: every expert a copy of its projection, straight-through scale, dropless); "
+        f"beside the same routing trained from scratch on all {2 * millions:.2f}M tokens (`{scratch['name']}`).",
+        "",
+        format_table(list(rows.values()), tasks),
+        f"- Step 0: the upcycled model's validation loss {diagnostics['step_0_val_loss']:.4f}, the dense "
+        f"checkpoint's {diagnostics['dense_val_loss']:.4f}.",
+        f"- Upcycled vs dense, both continued: {versus(upcycled, continued)}.",
+        f"- Upcycled vs from scratch on the same tokens: {versus(upcycled, scratch)}.",
+        f"- Symmetry breaking: the experts' mean pairwise cosine distance {start['expert_divergence']:.2e} at step 0, "
+        f"{end['expert_divergence']:.2e} after {steps} steps; the busiest expert's share of tokens "
+        f"{start['expert_load_max']:.3f} then {end['expert_load_max']:.3f} (balanced: {1 / start['num_experts']:.3f}); "
+        f"capacity factor {start['capacity_factor']} would drop {100 * start['dropped_at_capacity']:.1f}% of tokens at "
+        f"step 0 and {100 * end['dropped_at_capacity']:.1f}% after (the upcycled model trains dropless).",
+        "",
+        "Plot: `upcycling.png` (losses against all the tokens each model has seen).",
+        "",
+    ]
+
+
+def write_report(
+    output: Path, preset_name: str, description: str, rows: list[dict], upcycling: dict | None = None
+) -> str:
     tasks = list(rows[0]["scores"])
     chance = ", ".join(f"{task} {100 * CHANCE[task]:.0f}%" for task in tasks)
     report = "\n".join(
@@ -130,6 +184,7 @@ def write_report(output: Path, preset_name: str, description: str, rows: list[di
             "Plots: `loss_curves.png` (train and validation loss of every model), `expert_load.png` (share of tokens "
             "per expert in every routed linear, on the validation data).",
             "",
+            *(upcycling_section(upcycling, tasks) if upcycling else []),
             "For reference, the paper's Table 7 (not measured here):",
             "",
             PAPER_TABLE7,
@@ -137,6 +192,6 @@ def write_report(output: Path, preset_name: str, description: str, rows: list[di
     )
     (output / "report.md").write_text(report)
     (output / "results.json").write_text(
-        json.dumps({"preset": preset_name, "tasks": tasks, "rows": rows}, indent=1, default=str)
+        json.dumps({"preset": preset_name, "tasks": tasks, "rows": rows, "upcycling": upcycling}, indent=1, default=str)
     )
     return report

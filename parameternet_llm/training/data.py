@@ -134,13 +134,15 @@ class PackedBlocks(torch.utils.data.IterableDataset):
     """Stream of `seq_len`-token blocks from the tokenised documents; endless when `repeat`.
 
     `make_tokens()` builds the tokenised document stream; it is rebuilt at every epoch. The stream
-    position is `state_dict()`; `load_state_dict()` resumes right after the last block handed out.
+    position is `state_dict()`; `load_state_dict()` resumes right after the last block handed out. A fresh
+    stream passes over its first `skip` blocks (data another run trained on).
     """
 
-    def __init__(self, make_tokens: Callable[[], IterableDataset], seq_len: int, repeat: bool = True):
+    def __init__(self, make_tokens: Callable[[], IterableDataset], seq_len: int, repeat: bool = True, skip: int = 0):
         self.make_tokens = make_tokens
         self.seq_len = seq_len
         self.repeat = repeat
+        self.skip = skip
         self.epoch = 0
         self.buffer: list[int] = []
         self.resume_from: dict | None = None
@@ -154,6 +156,7 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         self.epoch, self.buffer, self.resume_from = state["epoch"], list(state["buffer"]), state["tokens"]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        to_skip = self.skip if self.state["tokens"] is None and self.epoch == 0 else 0
         while True:
             tokens = self.make_tokens()
             fresh_epoch = self.resume_from is None
@@ -167,6 +170,9 @@ class PackedBlocks(torch.utils.data.IterableDataset):
                     block, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
                     self.state = {"epoch": self.epoch, "buffer": list(self.buffer), "tokens": tokens.state_dict()}
                     blocks_this_epoch += 1
+                    if to_skip:
+                        to_skip -= 1
+                        continue
                     yield torch.tensor(block, dtype=torch.long)
             self.epoch += 1
             if not self.repeat:
@@ -223,7 +229,10 @@ def build_pretraining_data(
     validation_blocks: int,
     rank: int = 0,
     world_size: int = 1,
+    skip_blocks: int = 0,
 ) -> PretrainingData:
+    """This process's training blocks (past its share of the first `skip_blocks`) and the validation blocks."""
+
     def make_tokens() -> IterableDataset:
         documents = training_documents(opened, seed, validation_documents, rank, world_size)
         return tokenize_documents(documents, tokenizer)
@@ -240,4 +249,4 @@ def build_pretraining_data(
                 f"the {validation_documents} held-out documents per source give no {seq_len}-token "
                 "validation block; raise data.validation_documents"
             )
-    return PretrainingData(PackedBlocks(make_tokens, seq_len), validation)
+    return PretrainingData(PackedBlocks(make_tokens, seq_len, skip=skip_blocks // world_size), validation)

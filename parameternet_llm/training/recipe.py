@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         # Documents held out from the start of every source for validation.
         "validation_documents": 200,
+        # Training blocks passed over at the start (all processes together): data a run this one continues saw.
+        "skip_blocks": 0,
         # Generate the embedded corpus here before training (null: none).
         "corpus": None,
         "sources": [],
@@ -211,6 +213,8 @@ def validate_recipe(raw: dict) -> dict:
             f"recipe key 'train.mixed_precision' must be one of {list(MIXED_PRECISION)}, got "
             f"{train['mixed_precision']!r}"
         )
+    if recipe["data"]["skip_blocks"] < 0:
+        raise RecipeError(f"recipe key 'data.skip_blocks' must be >= 0, got {recipe['data']['skip_blocks']}")
     if recipe["data"]["seq_len"] < 2:
         raise RecipeError(f"recipe key 'data.seq_len' must be >= 2, got {recipe['data']['seq_len']}")
     model_config(recipe["model"], recipe["data"]["seq_len"])  # model keys and values, before any work
@@ -274,13 +278,16 @@ def init_from_config(init_from: str, dense: bool, fields: dict, upcycling: dict 
     (`dense: true`) or upcycled with the section's routing fields, or a ParameterNet continued with its own
     expert banks (other routing fields, such as capacity_factor, may change)."""
     where = f"model.init_from={init_from!r}"
-    shape = sorted(set(fields) - ROUTING_FIELDS)
-    if shape:
-        raise RecipeError(f"recipe key 'model.{shape[0]}' cannot be set beside {where}: the shape is the checkpoint's")
     try:
         base = read_checkpoint_config(init_from)
     except InputError as error:
         raise RecipeError(f"{where}: {error}") from error
+    for key in sorted(set(fields) - ROUTING_FIELDS):  # the shape is the checkpoint's; a recipe may restate it
+        if fields.pop(key) != getattr(base, key, None):
+            raise RecipeError(
+                f"recipe key 'model.{key}' differs from {init_from}'s {key}={getattr(base, key, None)!r}: "
+                "the shape comes from model.init_from"
+            )
     if dense or not is_parameternet(base):
         if dense and is_parameternet(base):
             raise RecipeError(f"{where} is a ParameterNet checkpoint: remove model.dense to continue training it")

@@ -145,6 +145,7 @@ class Trainer:
             recipe["eval"]["batches"] * train["micro_batch_size"],
             accelerator.process_index,
             accelerator.num_processes,
+            data["skip_blocks"],
         )
         model = initial_model(recipe["model"], self.config)
         if train["gradient_checkpointing"]:
