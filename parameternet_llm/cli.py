@@ -114,6 +114,20 @@ def demo_command(args: argparse.Namespace) -> None:
     run_demo(args.output, args.preset)
 
 
+def router_init_std(text: str) -> float | None:
+    """`normal` -> None (the config's initializer_range), `normal:0.05` or `0.05` -> 0.05."""
+    scheme, _, std = text.partition(":")
+    if scheme == "normal" and not std:
+        return None
+    try:
+        value = float(std if scheme == "normal" else text)
+    except ValueError:
+        value = 0.0
+    if value > 0:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not normal or normal:STD with STD > 0")
+
+
 def upcycle_command(args: argparse.Namespace) -> None:
     from .training.recipe import parse_override
     from .upcycling import UpcycleOptions, upcycle
@@ -279,14 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--projections", default="up_proj", help="comma-separated: gate_proj, up_proj, down_proj")
     command.add_argument("--layers", help="comma-separated decoder layers to route (default: all)")
     command.add_argument(
-        "--router-init", type=float, help="std of the routers' normal init (default: the config's initializer_range)"
+        "--router-init",
+        type=router_init_std,
+        default="normal",
+        metavar="normal[:STD]",
+        help="the routers' init: normal, with the config's initializer_range as std unless STD is given",
     )
     command.add_argument("--expert-noise", type=float, default=0.0, help="Gaussian noise on each copy, x its std")
     command.add_argument(
         "--drop-fraction", type=float, default=0.0, help="share of each copy's channels re-drawn (Drop-Upcycling)"
     )
     command.add_argument("--seed", type=int, default=0, help="seed of the router init, noise and re-drawn channels")
-    command.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard written")
+    command.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard written")
     command.add_argument(
         "--set",
         dest="overrides",

@@ -36,7 +36,7 @@ SINGLE_SAFETENSORS = "model.safetensors"
 # Files of the dense directory that are not carried over: its weights and config, which upcycling rewrites.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".ckpt", ".h5", ".msgpack")
 NOT_COPIED = {"config.json", SAFETENSORS_INDEX, "pytorch_model.bin.index.json"}
-ROUTED_WEIGHT = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
+ROUTED_TENSOR = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.(weight|bias)")
 # Routing defaults of an upcycled model. Straight-through: the copies reproduce the dense projection exactly.
 # Dropless: the copies are identical at step 0, so routing can change the function only by dropping tokens,
 # and a router that has not learnt yet loads experts unevenly (the demo's dense model: 9% of tokens dropped
@@ -216,12 +216,13 @@ def upcycled_tensors(
     Raises UpcycleError before yielding anything if the dense tensors do not match the config."""
     files = dense_tensor_files(dense_dir)
     shapes = expected_shapes(config)
-    routed = {}
+    routed = {}  # dense tensor name -> (its projection, "weight" or "bias")
     for name in files:
-        match = ROUTED_WEIGHT.fullmatch(name)
+        match = ROUTED_TENSOR.fullmatch(name)
         if match and config.is_routed(int(match[1]), match[2]):
-            routed[name] = match[2]
-    missing = sorted(set(shapes) - set(files) - {f"{name[: -len('.weight')]}.router.weight" for name in routed})
+            routed[name] = (match[2], match[3])
+    routers = {name: router_name(name) for name, (_, kind) in routed.items() if kind == "weight"}
+    missing = sorted(set(shapes) - set(files) - set(routers.values()))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UpcycleError(f"{dense_dir} lacks tensor(s) of this LLaMA config: {shown}")
@@ -232,23 +233,30 @@ def upcycled_tensors(
     for shard, names in by_shard.items():
         with safe_open(shard, framework="pt") as opened:
             for name in names:
-                if name not in shapes and name not in routed:
+                if name not in shapes:
                     continue  # buffers some exporters save (rotary inv_freq), or the tied lm_head
                 try:
                     tensor = opened.get_tensor(name)
                 except (SafetensorError, OSError) as error:
                     raise UpcycleError(f"cannot read {name} from {shard}: {error}") from error
-                if name in routed:
-                    tensor = expert_bank(tensor, config.num_experts, routed[name], options, name)
+                if name in routers:
+                    tensor = expert_bank(tensor, config.num_experts, routed[name][0], options, name)
+                elif name in routed:  # a bias: one copy per expert
+                    tensor = tensor.unsqueeze(0).expand(config.num_experts, *tensor.shape).clone()
                 if tensor.shape != shapes[name]:
                     raise UpcycleError(
                         f"{name} in {shard.name} has shape {list(tensor.shape)}, the config expects "
                         f"{list(shapes[name])}"
                     )
                 yield name, tensor
-                if name in routed:
-                    router = f"{name[: -len('.weight')]}.router.weight"
+                if name in routers:
+                    router = routers[name]
                     yield router, router_init(router, shapes[router], router_std, options.seed, tensor.dtype)
+
+
+def router_name(weight_name: str) -> str:
+    """model.layers.3.mlp.up_proj.weight -> model.layers.3.mlp.up_proj.router.weight"""
+    return weight_name.removesuffix(".weight") + ".router.weight"
 
 
 class ShardWriter:
@@ -307,7 +315,7 @@ def upcycle(
     dense_dir: str | Path,
     output_dir: str | Path,
     options: UpcycleOptions = UpcycleOptions(),
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = "2GB",
     **routing,
 ) -> ParameterNetLlamaConfig:
     """Write the ParameterNet upcycled from the dense checkpoint `dense_dir` to `output_dir` (config with
@@ -332,8 +340,7 @@ def upcycle(
         for path in dense_dir.iterdir():  # tokenizer, generation config, chat template, licence, ...
             if path.is_file() and path.name not in NOT_COPIED and path.suffix not in WEIGHT_SUFFIXES + (".py",):
                 shutil.copy2(path, staging / path.name)
-        with torch.device("meta"):
-            custom_object_save(ParameterNetLlamaForCausalLM(config), staging)  # the two model files
+        custom_object_save(ParameterNetLlamaForCausalLM, staging)  # the model file and the config file it imports
         config.save_pretrained(staging)
         if output_dir.exists():
             output_dir.rmdir()

@@ -41,7 +41,9 @@ DENSE_KINDS = {
     "sharded-tied-bf16-gqa-llama3": dict(
         tie_word_embeddings=True, dtype=torch.bfloat16, num_key_value_heads=2, rope_parameters=LLAMA3_ROPE
     ),
-    "single-untied-fp32-mha": dict(tie_word_embeddings=False, dtype=torch.float32, num_key_value_heads=4),
+    "single-untied-fp32-mha-biases": dict(
+        tie_word_embeddings=False, dtype=torch.float32, num_key_value_heads=4, mlp_bias=True, attention_bias=True
+    ),
 }
 
 
@@ -126,10 +128,11 @@ def test_upcycled_checkpoint_computes_the_dense_function(dense_dir, tmp_path, to
     )
 
     dense_state, state = dense.state_dict(), model.state_dict()
+    routed = model.routed_linears()
     for name, tensor in state.items():
         if ".router." in name:
             assert tensor.shape == (8, tensor.shape[1]) and tensor.float().std() > 0
-        elif tensor.dim() == 3:  # an expert bank: eight exact copies of the dense projection
+        elif name.rsplit(".", 1)[0] in routed:  # an expert bank (or its biases): eight exact copies
             assert torch.equal(tensor, dense_state[name].expand_as(tensor)), name
         else:
             assert torch.equal(tensor, dense_state[name]), name
@@ -324,7 +327,7 @@ def test_command_line_upcycles_and_reports_errors_in_one_line(tmp_path, tokenize
             "--layers",
             "1",
             "--router-init",
-            "0.05",
+            "normal:0.05",
             "--set",
             "capacity_factor=1.5",
         ]

@@ -153,7 +153,8 @@ def upcycling_section(upcycling: dict, tasks: list[str]) -> list[str]:
         f"- Upcycled vs dense, both continued: {versus(upcycled, continued)}.",
         f"- Upcycled vs from scratch on the same tokens: {versus(upcycled, scratch)}.",
         f"- Symmetry breaking: the experts' mean pairwise cosine distance {start['expert_divergence']:.2e} at step 0, "
-        f"{end['expert_divergence']:.2e} after {steps} steps; the busiest expert's share of tokens "
+        f"{end['expert_divergence']:.2e} after {steps} steps; load-balancing loss {start['aux_loss']:.3f} then "
+        f"{end['aux_loss']:.3f} (1 when balanced); the busiest expert's share of tokens "
         f"{start['expert_load_max']:.3f} then {end['expert_load_max']:.3f} (balanced: {1 / start['num_experts']:.3f}); "
         f"capacity factor {start['capacity_factor']} would drop {100 * start['dropped_at_capacity']:.1f}% of tokens at "
         f"step 0 and {100 * end['dropped_at_capacity']:.1f}% after (the upcycled model trains dropless).",

@@ -204,17 +204,20 @@ def expert_loads(checkpoint: Path, validation: list[torch.Tensor]) -> dict[str, 
 
 def routing_diagnostics(model, validation: list[torch.Tensor], batch_size: int, capacity_factor: float) -> dict:
     """Symmetry and balance of a ParameterNet's routed linears on the validation blocks (in batches of
-    `batch_size`, as in training): the experts' mean pairwise cosine distance, the largest expert's share of
-    tokens and the share of tokens that `capacity_factor` would drop, each averaged over the routed linears."""
+    `batch_size`, as in training): the experts' mean pairwise cosine distance, the Switch load-balancing loss
+    (1 when balanced), the largest expert's share of tokens and the share of tokens that `capacity_factor` would
+    drop, each averaged over the routed linears."""
     routers = [linear.router for linear in model.routed_linears().values()]
     factors = [router.capacity_factor for router in routers]
     for router in routers:
         router.capacity_factor = capacity_factor
     model.train()
-    load_max, dropped = [], []
+    load_max, dropped, aux_losses = [], [], []
     with torch.no_grad():
         for start in range(0, len(validation), batch_size):
-            stats = model.routing_stats(model(torch.stack(validation[start : start + batch_size])))
+            outputs = model(torch.stack(validation[start : start + batch_size]))
+            aux_losses.append(outputs.aux_loss.item())
+            stats = model.routing_stats(outputs)
             load_max += [linear["load"].max().item() for linear in stats.values()]
             dropped += [linear["dropped"].item() for linear in stats.values()]
     for router, factor in zip(routers, factors, strict=True):
@@ -223,6 +226,7 @@ def routing_diagnostics(model, validation: list[torch.Tensor], batch_size: int, 
     divergence = list(expert_divergence(model).values())
     return {
         "expert_divergence": sum(divergence) / len(divergence),
+        "aux_loss": sum(aux_losses) / len(aux_losses),
         "expert_load_max": sum(load_max) / len(load_max),
         "dropped_at_capacity": sum(dropped) / len(dropped),
         "capacity_factor": capacity_factor,
