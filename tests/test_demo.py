@@ -1,4 +1,5 @@
-"""The demo pipeline end to end on a micro preset: report, JSON, plots, and a rerun that continues."""
+"""The demo pipeline end to end on a micro preset: seeds, the upcycled row, report, JSON, plots, and a rerun that
+continues."""
 
 import json
 
@@ -7,6 +8,8 @@ import pytest
 from parameternet_llm.cli import main
 from parameternet_llm.demo import run as demo
 from parameternet_llm.errors import InputError
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
@@ -18,60 +21,67 @@ def micro_preset(monkeypatch):
         vocab_size=512,
         seq_len=64,
         train=dict(
-            max_steps=6, micro_batch_size=4, lr=3e-3, warmup_steps=1, log_every=2, save_every=3, progress_bar=False
+            max_steps=6, micro_batch_size=4, lr=3e-3, warmup_steps=1, log_every=2, save_every=2, progress_bar=False
         ),
         variants={"dense": {"dense": True}, "up_proj x4": {"num_experts": 4, "moe_projections": ["up_proj"]}},
-        upcycling={"num_experts": 4, "moe_projections": ["up_proj"]},
+        seeds=(0, 1),
+        upcycled="up_proj x4",
     )
     monkeypatch.setitem(demo.PRESETS, "micro", preset)
     monkeypatch.setattr(demo, "TASK_NAMES", ("pnet_boolq",))
     return preset
 
 
-def test_demo_writes_the_comparison_and_continues_after_an_interruption(micro_preset, tmp_path, capsys):
+def test_demo_writes_the_comparison_over_seeds_and_continues_after_an_interruption(micro_preset, tmp_path, capsys):
     main(["demo", "--output", str(tmp_path), "--preset", "micro"])
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [row["variant"] for row in results["rows"]] == ["dense", "up_proj x4"]
-    dense, routed = results["rows"]
+    variants = {summary["variant"]: summary for summary in results["variants"]}
+    assert list(variants) == ["dense", "up_proj x4", "up_proj x4, upcycled at half"]
+    dense, routed, upcycled = variants.values()
     assert routed["params"] > dense["params"] and routed["flops_per_token"] == pytest.approx(
         dense["flops_per_token"], rel=0.01
     )
-    assert all(row["val_loss"] is not None and 0 <= row["average"] <= 1 for row in results["rows"])
-    report = (tmp_path / "report.md").read_text()
-    assert "| dense |" in report and "| up_proj-x4 |" in report and "What this run measured" in report
-    assert "lower validation loss than the dense model" in report and "paper's Table 7" in report
-    for plot in ("loss_curves.png", "expert_load.png"):
-        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    loads = json.loads((tmp_path / "expert_load.json").read_text())
-    assert list(loads) == ["up_proj x4"] and all(abs(sum(v) - 1) < 1e-4 for v in loads["up_proj x4"].values())
+    for summary in variants.values():
+        assert summary["seeds"] == [0, 1] and summary["val_loss"]["n"] == 2
+        losses = summary["val_loss"]["values"]
+        assert summary["val_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+        assert summary["val_loss"]["sd"] == pytest.approx(abs(losses[0] - losses[1]) / 2**0.5)
+        assert 0 <= summary["average"]["mean"] <= 1
+    assert dense["val_loss"]["values"][0] != dense["val_loss"]["values"][1]  # the seeds differ
 
-    # The upcycling comparison: the dense model continued as it is and upcycled, beside from-scratch training.
-    upcycling = results["upcycling"]
-    assert [row["name"] for row in upcycling["rows"]] == [
-        "dense",
-        "dense-continued",
-        "up_proj-x4-upcycled",
-        "up_proj-x4-2x-steps",
-    ]
-    diagnostics = upcycling["diagnostics"]
-    assert diagnostics["step_0_val_loss"] == pytest.approx(diagnostics["dense_val_loss"], rel=1e-4)
-    assert diagnostics["step_0"]["expert_divergence"] < 1e-9 < diagnostics["end"]["expert_divergence"]
     runs = tmp_path / "runs"
-    continued_metrics = (runs / "up_proj-x4-upcycled" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(continued_metrics[-1])["tokens"] == 6 * 4 * 64
-    assert json.loads((runs / "up_proj-x4-2x-steps" / "summary.json").read_text())["step"] == 12
-    assert "## Upcycling: does it pay?" in report and "Upcycled vs dense, both continued" in report
-    assert (tmp_path / "upcycling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for seed in (0, 1):  # the upcycled run continues the dense run's schedule from its export at step 3
+        assert (runs / "dense" / f"seed-{seed}" / "export" / "step-00000003" / "config.json").is_file()
+        steps = [
+            json.loads(line)["step"]
+            for line in (runs / "up_proj-x4-upcycled-at-half" / f"seed-{seed}" / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
+        assert steps == [4, 6]
+    for diagnostics in results["upcycling"]["diagnostics"]:
+        assert diagnostics["start_val_loss"] == pytest.approx(diagnostics["dense_val_loss"], rel=1e-4)
+        assert diagnostics["start"]["expert_divergence"] < 1e-9 < diagnostics["end"]["expert_divergence"]
+
+    report = (tmp_path / "report.md").read_text()
+    assert "| dense |" in report and "| up_proj x4, upcycled at half |" in report and "± " in report
+    assert "two standard errors" in report and "paper's Table 7" in report and "Training took" in report
+    for plot in ("loss_vs_flops.png", "expert_load.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == PNG
+    loads = json.loads((tmp_path / "expert_load.json").read_text())
+    assert list(loads) == ["up_proj x4", "up_proj x4, upcycled at half"]
+    assert all(abs(sum(v) - 1) < 1e-4 for v in loads["up_proj x4"].values())
     capsys.readouterr()
 
     # An interrupted rerun: one training run lost its end and its scores; everything else is reused.
-    (tmp_path / "runs" / "up_proj-x4" / "summary.json").unlink()
-    (tmp_path / "scores" / "up_proj-x4.json").unlink()
+    (runs / "up_proj-x4" / "seed-1" / "summary.json").unlink()
+    (tmp_path / "scores" / "up_proj-x4" / "seed-1.json").unlink()
     main(["demo", "--output", str(tmp_path), "--preset", "micro"])
     log = capsys.readouterr().out
-    assert "dense: already trained, skipping" in log
+    assert "dense/seed-0: already trained, skipping" in log
     assert "resumed from" in log and "step 6" in log
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["val_loss"] == routed["val_loss"]
+    again = {summary["variant"]: summary for summary in json.loads((tmp_path / "results.json").read_text())["variants"]}
+    assert again["up_proj x4"]["val_loss"] == routed["val_loss"]
 
 
 def test_unknown_preset_is_refused(tmp_path):
@@ -79,7 +89,9 @@ def test_unknown_preset_is_refused(tmp_path):
         demo.run_demo(tmp_path, "huge")
 
 
-def test_default_preset_follows_the_hardware():
+def test_presets_train_every_variant_with_three_seeds():
     assert demo.default_preset() in demo.PRESETS
-    assert set(demo.PRESETS["cpu"].variants) >= {"dense", "up_proj x4", "up_proj x8"}
-    assert len(demo.PRESETS["gpu"].variants) == 7
+    cpu, gpu = demo.PRESETS["cpu"], demo.PRESETS["gpu"]
+    assert set(cpu.variants) == {"dense", "up_proj x8"} and cpu.upcycled == "up_proj x8"
+    assert len(gpu.variants) == 7 and gpu.upcycled == "up_proj x8"
+    assert all(len(preset.seeds) >= 3 for preset in demo.PRESETS.values())

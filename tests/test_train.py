@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.recipe import load_recipe
@@ -248,3 +249,29 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(small_world, tmp_path
     summary = run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=8"])
     assert summary["step"] == 8 and [p.name for p in checkpoints(out / "checkpoints")][-1] == "step-00000008"
     assert not list((out / "checkpoints").glob(".saving-*"))
+
+
+def test_a_run_exports_midway_and_another_continues_its_schedule_from_there(small_world, tmp_path):
+    """export_steps writes an HF checkpoint midway; a run with init_from it and start_step follows the rest of the
+    schedule (after its own warm-up) on the blocks the first run had not read yet."""
+    from safetensors.torch import load_file
+
+    _, recipes = small_world
+    first = tmp_path / "first"
+    run(str(recipes["tiny-dense"]), [f"output_dir={first}", "train.max_steps=8", "train.export_steps=[4]"])
+    exported = first / "export" / "step-00000004"
+    saved = load_file(first / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert all(torch.equal(saved[name], tensor) for name, tensor in load_file(exported / "model.safetensors").items())
+    assert (exported / "tokenizer.json").is_file()
+
+    second = tmp_path / "second"
+    overrides = [f"output_dir={second}", "train.max_steps=8", "train.start_step=4", "data.skip_blocks=16"]
+    summary = run(str(recipes["tiny-dense"]), [*overrides, f"model.init_from={exported}", "tokenizer.path=null"])
+    assert summary["step"] == 8
+    expected, got = read_metrics(first), read_metrics(second)
+    assert [m["step"] for m in got] == [6, 8] and [m["tokens"] for m in got] == [m["tokens"] for m in expected[2:]]
+    assert [m["lr"] for m in got] == pytest.approx([m["lr"] for m in expected[2:]])  # warmed up again in 2 steps
+    with pytest.raises(InputError, match="'train.start_step' must be in"):
+        load_recipe(recipes["tiny-dense"], ["train.max_steps=8", "train.start_step=8"])
+    with pytest.raises(InputError, match="'train.export_steps' must list steps"):
+        load_recipe(recipes["tiny-dense"], ["train.max_steps=8", "train.export_steps=[9]"])

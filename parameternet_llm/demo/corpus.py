@@ -14,6 +14,8 @@ SOURCES = ("web", "wiki", "arxiv")
 # LLaMA's sampling proportions of C4, Wikipedia and ArXiv, renormalised to these three sources.
 SOURCE_WEIGHTS = {"web": 0.682, "wiki": 0.205, "arxiv": 0.114}
 DEFAULT_NUM_TOKENS = 3_000_000
+# The world holds about 540 facts per unit of scale (see docs/DEMO.md for why 16).
+WORLD_SCALE = 16
 TOKENS_PER_WORD = 1.3  # rough ratio of BPE tokens to whitespace words for this English-like text
 
 CLIMATES = ["arid", "temperate", "tropical", "polar", "humid", "windy"]
@@ -137,7 +139,9 @@ class World:
     rituals: list[Ritual]
 
     @classmethod
-    def generate(cls, seed: int = 0) -> "World":
+    def generate(cls, seed: int = 0, scale: int = WORLD_SCALE) -> "World":
+        """A world of `scale` times 8 countries (4 cities each), 40 people, 24 species, 16 minerals and 12
+        festivals."""
         rng = random.Random(seed)
         names = NameMaker(rng)
         species = [
@@ -148,11 +152,11 @@ class World:
                 rng.choice(COLORS),
                 rng.choice([2, 4, 6, 8]),
             )
-            for _ in range(24)
+            for _ in range(24 * scale)
         ]
         countries = []
         cities = []
-        for _ in range(8):
+        for _ in range(8 * scale):
             country = names.word(2).capitalize()
             country_cities = [
                 City(
@@ -184,7 +188,7 @@ class World:
                 f"{rng.choice(['method', 'lens', 'engine', 'theorem', 'chart', 'scale'])}",
                 rng.randrange(1500, 1950),
             )
-            for _ in range(40)
+            for _ in range(40 * scale)
         ]
         substances = [
             Substance(
@@ -195,11 +199,11 @@ class World:
                 rng.choice(cities).name,
                 rng.choice(people).name,
             )
-            for _ in range(16)
+            for _ in range(16 * scale)
         ]
         rituals = [
             Ritual(f"the {names.word().capitalize()} festival", rng.choice(cities).name, rng.sample(ACTIONS, 5))
-            for _ in range(12)
+            for _ in range(12 * scale)
         ]
         return cls(seed, countries, cities, people, species, substances, rituals)
 

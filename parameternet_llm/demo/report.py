@@ -1,50 +1,68 @@
-"""The demo's report: Table 7-style scores, what they say, and plots of the losses and the expert loads."""
+"""The demo's report: Table 7-style scores with the mean and spread over seeds, what they say, and the plots."""
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from ..evaluation.harness import format_table
 from ..evaluation.offline_tasks import CHANCE
 
+# Training FLOPs per token are 3x the forward's (forward, and the backward's two products).
+TRAINING_FLOPS_PER_FORWARD = 3
 
-def plot_losses(
-    runs: dict[str, Path],
-    path: Path,
-    offsets: dict[str, int] | None = None,
-    title: str = "Same FLOPs, same data: dense LLaMA vs ParameterNet",
-) -> None:
-    """Train and validation loss of every run against its training tokens (plus its offset: tokens a run it
-    continues trained on)."""
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for index, (variant, run_dir) in enumerate(runs.items()):
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return plt
+
+
+def mean_and_sd(values: list[float]) -> dict:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "n": len(values), "values": values}
+
+
+def plot_loss_against_flops(runs: dict[str, list[Path]], flops_per_token: dict[str, float], path: Path) -> None:
+    """Validation loss (mean over seeds, bars: their standard deviation) and the mean train loss of every
+    variant against its training FLOPs."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    validation_means = []
+    for index, (variant, run_dirs) in enumerate(runs.items()):
         color = f"C{index}"
-        offset = (offsets or {}).get(variant, 0)
-        axis.plot(
-            [(offset + m["tokens"]) / 1e6 for m in lines],
-            [m["lm_loss"] for m in lines],
+        per_seed = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
+        scale = TRAINING_FLOPS_PER_FORWARD * flops_per_token[variant] / 1e12
+        steps = sorted(set.intersection(*({m["step"] for m in lines} for lines in per_seed)))
+        by_step = [{m["step"]: m for m in lines} for lines in per_seed]
+        tokens = [by_step[0][step]["tokens"] * scale for step in steps]
+        train = [sum(seed[step]["lm_loss"] for seed in by_step) / len(by_step) for step in steps]
+        axis.plot(tokens, train, color=color, alpha=0.45, linewidth=1, label=f"{variant}: train (mean)")
+        validated = [step for step in steps if by_step[0][step].get("val_loss") is not None]
+        values = [[seed[step]["val_loss"] for seed in by_step] for step in validated]
+        stats = [mean_and_sd(v) for v in values]
+        means = [stat["mean"] for stat in stats]
+        validation_means += means
+        axis.errorbar(
+            [by_step[0][step]["tokens"] * scale for step in validated],
+            means,
+            yerr=[stat["sd"] for stat in stats],
             color=color,
-            label=f"{variant} train",
+            marker="o",
+            capsize=3,
+            linewidth=2,
+            label=f"{variant}: validation (mean ± sd over {len(run_dirs)} seeds)",
         )
-        validated = [m for m in lines if m.get("val_loss") is not None]
-        axis.plot(
-            [(offset + m["tokens"]) / 1e6 for m in validated],
-            [m["val_loss"] for m in validated],
-            "o--",
-            color=color,
-            label=f"{variant} validation",
-        )
-    axis.set_xlabel("training tokens (millions)")
-    axis.set_ylabel("language-model loss")
-    axis.set_yscale("log")
-    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("training compute (TFLOPs: 3 x forward FLOPs per token x tokens)")
+    axis.set_ylabel("language-model loss (nats per token)")
+    axis.set_title("Loss against training compute: dense LLaMA vs ParameterNet at the same FLOPs per token")
+    axis.set_ylim(0.95 * min(validation_means), 1.1 * max(validation_means))  # the early, steep part is cut
+    axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -52,28 +70,105 @@ def plot_losses(
 
 
 def plot_expert_loads(loads: dict[str, dict[str, list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(loads), figsize=(4.5 * len(loads), 4), squeeze=False)
-    for axis, (variant, per_linear) in zip(axes[0], loads.items(), strict=True):
+    """A heatmap per routed variant: the share of validation tokens each expert of each routed linear takes."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(loads), figsize=(5.5 * len(loads), 1.2 + 0.5 * max(map(len, loads.values()))))
+    axes = [axes] if len(loads) == 1 else list(axes)
+    for axis, (variant, per_linear) in zip(axes, loads.items(), strict=True):
         names = list(per_linear)
         shares = torch.tensor([per_linear[name] for name in names])
-        bottom = torch.zeros(len(names))
-        for expert in range(shares.shape[1]):
-            axis.bar(range(len(names)), shares[:, expert], bottom=bottom, label=f"expert {expert}")
-            bottom += shares[:, expert]
-        for level in torch.arange(1, shares.shape[1]) / shares.shape[1]:
-            axis.axhline(level.item(), color="black", linewidth=0.5, linestyle=":")
-        axis.set_xticks(range(len(names)), [name.split(".")[2] for name in names])
-        axis.set_xlabel("layer")
-        axis.set_ylabel("share of tokens (dotted: perfect balance)")
-        axis.set_title(variant)
+        balanced = 1 / shares.shape[1]
+        image = axis.imshow(shares, cmap="RdBu_r", vmin=0, vmax=2 * balanced, aspect="auto")
+        for row in range(shares.shape[0]):
+            for expert in range(shares.shape[1]):
+                axis.text(expert, row, f"{100 * shares[row, expert]:.0f}", ha="center", va="center", fontsize=7)
+        axis.set_xticks(range(shares.shape[1]))
+        axis.set_yticks(range(len(names)), [name.removeprefix("model.layers.").replace(".mlp.", " ") for name in names])
+        axis.set_xlabel("expert")
+        axis.set_ylabel("layer and routed projection")
+        axis.set_title(f"{variant}: % of tokens per expert")
+        figure.colorbar(image, ax=axis, label=f"share of tokens (white: balanced, {100 * balanced:.1f}%)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def difference(a: dict, b: dict) -> tuple[float, float]:
+    """(mean of a - mean of b, two standard errors of that difference over the seeds)."""
+    return a["mean"] - b["mean"], 2 * math.sqrt(a["sd"] ** 2 / a["n"] + b["sd"] ** 2 / b["n"])
+
+
+def judged(delta: float, margin: float, lower_is_better: bool) -> str:
+    if abs(delta) <= margin:
+        return "within the spread"
+    return "better" if (delta < 0) == lower_is_better else "worse"
+
+
+def cell(stats: dict, scale: float = 1.0, digits: int = 3) -> str:
+    return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['sd']:.{digits}f}"
+
+
+def results_table(summaries: list[dict]) -> str:
+    tasks = list(summaries[0]["scores"])
+    header = ["model", "params", "active", "GFLOPs/token", "val loss", *tasks, "avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for summary in summaries:
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    summary["variant"],
+                    f"{summary['params'] / 1e6:.3f}M",
+                    f"{summary['active_params'] / 1e6:.3f}M",
+                    f"{summary['flops_per_token'] / 1e9:.5f}",
+                    cell(summary["val_loss"]),
+                    *[cell(summary["scores"][task], 100, 1) for task in tasks],
+                    cell(summary["average"], 100, 1),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def verdict(summaries: list[dict]) -> list[str]:
+    """Each variant against the dense model: a difference counts only beyond two standard errors of it."""
+    dense = next(summary for summary in summaries if summary["variant"] == "dense")
+    lines = []
+    for summary in summaries:
+        if summary is dense:
+            continue
+        loss_delta, loss_margin = difference(summary["val_loss"], dense["val_loss"])
+        accuracy_delta, accuracy_margin = difference(summary["average"], dense["average"])
+        lines.append(
+            f"- {summary['variant']}: {summary['params'] / dense['params']:.2f}x the parameters at "
+            f"{summary['flops_per_token'] / dense['flops_per_token']:.3f}x the FLOPs per token. Validation loss "
+            f"{loss_delta:+.3f} against dense (two standard errors: {loss_margin:.3f}): "
+            f"{judged(loss_delta, loss_margin, True)}. Average accuracy {100 * accuracy_delta:+.1f} points "
+            f"(two standard errors: {100 * accuracy_margin:.1f}): {judged(accuracy_delta, accuracy_margin, False)}."
+        )
+    return lines
+
+
+def upcycling_lines(upcycling: dict) -> list[str]:
+    per_seed = upcycling["diagnostics"]
+
+    def mean(key: str, part: str | None = None) -> float:
+        values = [(seed[part] if part else seed)[key] for seed in per_seed]
+        return sum(values) / len(values)
+
+    return [
+        f"Upcycled row: each seed's dense run, exported at step {upcycling['at_step']}, becomes "
+        f"`{upcycling['variant'].split(',')[0]}` (every expert a copy, straight-through scale, dropless) and "
+        "trains on for the rest of the same schedule, on the blocks the dense run would have read next. At the "
+        f"switch its validation loss is {mean('start_val_loss'):.4f}, the dense export's {mean('dense_val_loss'):.4f} "
+        f"(means over seeds). Its experts' mean pairwise cosine distance goes from "
+        f"{mean('expert_divergence', 'start'):.1e} to {mean('expert_divergence', 'end'):.3f}, its load-balancing "
+        f"loss from {mean('aux_loss', 'start'):.3f} to {mean('aux_loss', 'end'):.3f} (1 when balanced), and the "
+        f"busiest expert's share of tokens from {mean('expert_load_max', 'start'):.3f} to "
+        f"{mean('expert_load_max', 'end'):.3f} (balanced: {1 / per_seed[0]['start']['num_experts']:.3f}).",
+        "",
+    ]
 
 
 # The paper's Table 7 (LLaMA-1B, about 90B tokens), 4 / 8 experts in each routed row.
@@ -93,106 +188,38 @@ PAPER_TABLE7 = "\n".join(
 )
 
 
-def verdict(rows: list[dict]) -> list[str]:
-    """What the numbers say, whichever way they come out."""
-    dense = next(row for row in rows if row["name"] == "dense")
-    lines = []
-    for row in rows:
-        if row is dense:
-            continue
-        loss_delta = row["val_loss"] - dense["val_loss"]
-        accuracy_delta = 100 * (row["average"] - dense["average"])
-        lines.append(
-            f"- {row['variant']}: {row['params'] / dense['params']:.2f}x the parameters at "
-            f"{row['flops_per_token'] / dense['flops_per_token']:.3f}x the FLOPs per token; validation loss "
-            f"{row['val_loss']:.3f} vs {dense['val_loss']:.3f} ({'lower' if loss_delta < 0 else 'higher'} by "
-            f"{abs(loss_delta):.3f}); average accuracy {100 * row['average']:.2f} vs {100 * dense['average']:.2f} "
-            f"({accuracy_delta:+.2f} points)."
-        )
-    better = [row for row in rows if row is not dense and row["val_loss"] < dense["val_loss"]]
-    lines.append(
-        f"- {len(better)} of {len(rows) - 1} ParameterNet variants reached a lower validation loss than the dense "
-        f"model at the same FLOPs."
-        + (
-            " The paper's claim holds here."
-            if len(better) == len(rows) - 1
-            else " The paper's claim does not hold for every variant at this scale."
-        )
-    )
-    return lines
-
-
-def upcycling_section(upcycling: dict, tasks: list[str]) -> list[str]:
-    """The continued-training comparison: dense continued, upcycled, and from scratch on the same tokens."""
-    rows = {row["variant"]: row for row in upcycling["rows"]}
-    dense, continued = rows["dense"], rows["dense, continued"]
-    upcycled = next(row for variant, row in rows.items() if variant.endswith("upcycled"))
-    scratch = next(row for variant, row in rows.items() if variant.endswith("from scratch"))
-    steps, millions = upcycling["steps"], upcycling["tokens"] / 1e6
-    diagnostics = upcycling["diagnostics"]
-    start, end = diagnostics["step_0"], diagnostics["end"]
-
-    def versus(row, other) -> str:
-        delta = row["val_loss"] - other["val_loss"]
-        return (
-            f"validation loss {row['val_loss']:.3f} vs {other['val_loss']:.3f} ({'lower' if delta < 0 else 'higher'} "
-            f"by {abs(delta):.3f}), average accuracy {100 * row['average']:.2f} vs {100 * other['average']:.2f}"
-        )
-
-    return [
-        "## Upcycling: does it pay?",
-        "",
-        f"`{dense['name']}` ({millions:.2f}M tokens) trained on for {steps} more steps (new warm-up and cosine "
-        f"schedule) on the {millions:.2f}M tokens that follow the ones it saw: as it is (`{continued['name']}`) and "
-        f"upcycled (`{upcycled['name']}`: every expert a copy of its projection, straight-through scale, dropless); "
-        f"beside the same routing trained from scratch on all {2 * millions:.2f}M tokens (`{scratch['name']}`).",
-        "",
-        format_table(list(rows.values()), tasks),
-        f"- Step 0: the upcycled model's validation loss {diagnostics['step_0_val_loss']:.4f}, the dense "
-        f"checkpoint's {diagnostics['dense_val_loss']:.4f}.",
-        f"- Upcycled vs dense, both continued: {versus(upcycled, continued)}.",
-        f"- Upcycled vs from scratch on the same tokens: {versus(upcycled, scratch)}.",
-        f"- Symmetry breaking: the experts' mean pairwise cosine distance {start['expert_divergence']:.2e} at step 0, "
-        f"{end['expert_divergence']:.2e} after {steps} steps; load-balancing loss {start['aux_loss']:.3f} then "
-        f"{end['aux_loss']:.3f} (1 when balanced); the busiest expert's share of tokens "
-        f"{start['expert_load_max']:.3f} then {end['expert_load_max']:.3f} (balanced: {1 / start['num_experts']:.3f}); "
-        f"capacity factor {start['capacity_factor']} would drop {100 * start['dropped_at_capacity']:.1f}% of tokens at "
-        f"step 0 and {100 * end['dropped_at_capacity']:.1f}% after (the upcycled model trains dropless).",
-        "",
-        "Plot: `upcycling.png` (losses against all the tokens each model has seen).",
-        "",
-    ]
-
-
-def write_report(
-    output: Path, preset_name: str, description: str, rows: list[dict], upcycling: dict | None = None
-) -> str:
-    tasks = list(rows[0]["scores"])
-    chance = ", ".join(f"{task} {100 * CHANCE[task]:.0f}%" for task in tasks)
+def write_report(output: Path, context: dict, summaries: list[dict], upcycling: dict | None = None) -> str:
+    train = context["train"]
+    tokens = train["max_steps"] * train["micro_batch_size"] * context["seq_len"]
+    chance = ", ".join(f"{task} {100 * CHANCE[task]:.0f}%" for task in summaries[0]["scores"])
     report = "\n".join(
         [
-            f"# ParameterNet in miniature (preset `{preset_name}`: {description})",
+            f"# ParameterNet in miniature (preset `{context['preset']}`: {context['description']})",
             "",
-            "Same corpus, tokenizer, data order and schedule for every model; FLOPs per token are equal up to the "
-            "routers. Accuracies are zero-shot lm-eval scores on the offline tasks about the corpus's world "
-            f"(chance: {chance}).",
+            f"Every model: {train['max_steps']} steps of {train['micro_batch_size']} x {context['seq_len']} tokens "
+            f"({tokens / 1e6:.2f}M tokens), the same corpus, tokenizer and schedule; seed s sets the initialisation "
+            f"and the data order, the same for every variant. Seeds: {context['seeds']}. Training took "
+            f"{context['training_minutes']:.1f} minutes here. Values are mean ± standard deviation over the seeds; "
+            "accuracies are zero-shot lm-eval scores (in %) on the offline tasks about the corpus's world, 500 "
+            f"questions each (chance: {chance}).",
             "",
-            format_table(rows, tasks),
-            "What this run measured:",
+            results_table(summaries),
+            "What this run measured (a difference counts when it exceeds two standard errors of the difference "
+            "over the seeds):",
             "",
-            *verdict(rows),
+            *verdict(summaries),
             "",
-            "Plots: `loss_curves.png` (train and validation loss of every model), `expert_load.png` (share of tokens "
-            "per expert in every routed linear, on the validation data).",
+            *(upcycling_lines(upcycling) if upcycling else []),
+            "Plots: `loss_vs_flops.png` (losses against training compute), `expert_load.png` (each expert's share of "
+            "tokens in every routed linear, first seed).",
             "",
-            *(upcycling_section(upcycling, tasks) if upcycling else []),
-            "For reference, the paper's Table 7 (not measured here):",
+            "For reference, the paper's Table 7 (LLaMA-1B, about 90B tokens; not measured here):",
             "",
             PAPER_TABLE7,
         ]
     )
     (output / "report.md").write_text(report)
     (output / "results.json").write_text(
-        json.dumps({"preset": preset_name, "tasks": tasks, "rows": rows, "upcycling": upcycling}, indent=1, default=str)
+        json.dumps({**context, "variants": summaries, "upcycling": upcycling}, indent=1, default=str)
     )
     return report

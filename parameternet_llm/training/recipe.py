@@ -67,6 +67,10 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "save_every": 500,
         "keep_checkpoints": 2,
+        # Steps after which the model is also written as an HF checkpoint to output_dir/export/step-N/.
+        "export_steps": [],
+        # The step this run starts at, on weights another run of the same schedule trained that far (model.init_from).
+        "start_step": 0,
         "resume": None,
         "trackers": [],
         "progress_bar": True,
@@ -208,6 +212,12 @@ def validate_recipe(raw: dict) -> dict:
     ):
         if train[key] < 1:
             raise RecipeError(f"recipe key 'train.{key}' must be >= 1, got {train[key]}")
+    if not 0 <= train["start_step"] < train["max_steps"]:
+        raise RecipeError(f"recipe key 'train.start_step' must be in [0, max_steps), got {train['start_step']}")
+    if not all(isinstance(step, int) and 0 < step <= train["max_steps"] for step in train["export_steps"]):
+        raise RecipeError(
+            f"recipe key 'train.export_steps' must list steps in [1, max_steps], got {train['export_steps']}"
+        )
     if train["mixed_precision"] not in MIXED_PRECISION:
         raise RecipeError(
             f"recipe key 'train.mixed_precision' must be one of {list(MIXED_PRECISION)}, got "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
@@ -56,6 +57,21 @@ def initial_model(model_section: dict, config) -> torch.nn.Module:
         return upcycled_model(init_from, config, upcycle_options(model_section))
     model_class = ParameterNetLlamaForCausalLM if is_parameternet(config) else LlamaForCausalLM
     return model_class.from_pretrained(init_from, config=config, dtype=torch.float32)
+
+
+def learning_rate_schedule(optimizer, train: dict) -> LambdaLR:
+    """Linear warm-up, then cosine decay to min_lr_ratio at max_steps. A run that starts at `start_step` (on
+    weights another run trained that far) follows the rest of that schedule, warmed up again over warmup_steps
+    because its optimizer state starts empty."""
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, train["warmup_steps"], train["max_steps"], min_lr_rate=train["min_lr_ratio"]
+    )
+    start = train["start_step"]
+    if start == 0:
+        return schedule
+    cosine = schedule.lr_lambdas[0]
+    rewarm = max(1, train["warmup_steps"])
+    return LambdaLR(optimizer, lambda step: cosine(start + step) * min(1.0, (step + 1) / rewarm))
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -161,9 +177,7 @@ class Trainer:
             fused=True,  # one kernel per step on CUDA and CPU alike
         )
         # Stepped once per optimizer step here, so not handed to accelerate (which would step it per process).
-        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, train["warmup_steps"], train["max_steps"], min_lr_rate=train["min_lr_ratio"]
-        )
+        self.scheduler = learning_rate_schedule(optimizer, train)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         accelerator.register_for_checkpointing(self.scheduler)
         self.train_flops_per_token = 3 * flops_per_token(self.config, data["seq_len"])
@@ -173,7 +187,7 @@ class Trainer:
             * train["gradient_accumulation_steps"]
             * accelerator.num_processes
         )
-        self.step = 0
+        self.step = train["start_step"]
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         if train["trackers"]:
@@ -270,6 +284,8 @@ class Trainer:
                     )
                 accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
                 window = Window()
+            if self.step in train["export_steps"]:
+                self.export(self.output_dir / "export" / f"{CHECKPOINT_PREFIX}{self.step:08d}")
             if self.step % train["save_every"] == 0 or self.step == train["max_steps"]:
                 self.save_checkpoint()
         progress.close()
@@ -314,19 +330,23 @@ class Trainer:
         return bool(torch.all(gathered == gathered[0]).item())
 
     def save_final(self, summary: dict) -> None:
+        self.export(self.output_dir / "final")
+        if self.accelerator.is_main_process:
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    def export(self, path: Path) -> None:
+        """The model as an HF checkpoint with the tokenizer at `path`, written under a temporary name and renamed."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(self.model)
         if accelerator.is_main_process:
-            final = self.output_dir / "final"
-            staging = self.output_dir / ".saving-final"
+            staging = path.with_name(f".saving-{path.name}")
             shutil.rmtree(staging, ignore_errors=True)
             accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
             self.tokenizer.save_pretrained(staging)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
         accelerator.wait_for_everyone()
 
 
