@@ -506,7 +506,12 @@ def generate_corpus(
     `world.json` and `manifest.json`. Deterministic for a seed; reuses an existing complete corpus."""
     output_dir = Path(output_dir)
     manifest_path = output_dir / "manifest.json"
-    wanted = {"num_tokens": num_tokens, "seed": seed, "shards_per_source": shards_per_source}
+    wanted = {
+        "num_tokens": num_tokens,
+        "seed": seed,
+        "shards_per_source": shards_per_source,
+        "world_scale": WORLD_SCALE,
+    }
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         if {key: manifest.get(key) for key in wanted} == wanted:

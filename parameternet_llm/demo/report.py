@@ -33,7 +33,7 @@ def plot_loss_against_flops(runs: dict[str, list[Path]], flops_per_token: dict[s
     variant against its training FLOPs."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(9, 5.5))
-    validation_means = []
+    shown = []  # the losses the plot must show: validation means, and the train loss where it ends
     for index, (variant, run_dirs) in enumerate(runs.items()):
         color = f"C{index}"
         per_seed = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
@@ -43,11 +43,12 @@ def plot_loss_against_flops(runs: dict[str, list[Path]], flops_per_token: dict[s
         tokens = [by_step[0][step]["tokens"] * scale for step in steps]
         train = [sum(seed[step]["lm_loss"] for seed in by_step) / len(by_step) for step in steps]
         axis.plot(tokens, train, color=color, alpha=0.45, linewidth=1, label=f"{variant}: train (mean)")
+        shown.append(train[-1])
         validated = [step for step in steps if by_step[0][step].get("val_loss") is not None]
         values = [[seed[step]["val_loss"] for seed in by_step] for step in validated]
         stats = [mean_and_sd(v) for v in values]
         means = [stat["mean"] for stat in stats]
-        validation_means += means
+        shown += means
         axis.errorbar(
             [by_step[0][step]["tokens"] * scale for step in validated],
             means,
@@ -61,7 +62,7 @@ def plot_loss_against_flops(runs: dict[str, list[Path]], flops_per_token: dict[s
     axis.set_xlabel("training compute (TFLOPs: 3 x forward FLOPs per token x tokens)")
     axis.set_ylabel("language-model loss (nats per token)")
     axis.set_title("Loss against training compute: dense LLaMA vs ParameterNet at the same FLOPs per token")
-    axis.set_ylim(0.95 * min(validation_means), 1.1 * max(validation_means))  # the early, steep part is cut
+    axis.set_ylim(0.95 * min(shown), 1.1 * max(shown))  # the early, steep part is cut
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -72,7 +73,8 @@ def plot_loss_against_flops(runs: dict[str, list[Path]], flops_per_token: dict[s
 def plot_expert_loads(loads: dict[str, dict[str, list[float]]], path: Path) -> None:
     """A heatmap per routed variant: the share of validation tokens each expert of each routed linear takes."""
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(loads), figsize=(5.5 * len(loads), 1.2 + 0.5 * max(map(len, loads.values()))))
+    rows = max(map(len, loads.values()))
+    figure, axes = plt.subplots(1, len(loads), figsize=(6 * len(loads), max(3.2, 1.6 + 0.45 * rows)))
     axes = [axes] if len(loads) == 1 else list(axes)
     for axis, (variant, per_linear) in zip(axes, loads.items(), strict=True):
         names = list(per_linear)
@@ -87,7 +89,7 @@ def plot_expert_loads(loads: dict[str, dict[str, list[float]]], path: Path) -> N
         axis.set_xlabel("expert")
         axis.set_ylabel("layer and routed projection")
         axis.set_title(f"{variant}: % of tokens per expert")
-        figure.colorbar(image, ax=axis, label=f"share of tokens (white: balanced, {100 * balanced:.1f}%)")
+        figure.colorbar(image, ax=axis, label=f"share (white: {100 * balanced:.1f}%, balanced)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
