@@ -12,7 +12,7 @@ from parameternet_llm.training.tokenizer import TokenizerError, load_tokenizer, 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return generate_corpus(tmp_path_factory.mktemp("c") / "corpus", num_tokens=200_000, seed=3)
+    return generate_corpus(tmp_path_factory.mktemp("c") / "corpus", num_tokens=200_000, seed=3, world_scale=1)
 
 
 def read_source(corpus, source):
@@ -24,8 +24,8 @@ def read_source(corpus, source):
 
 
 def test_corpus_is_deterministic_and_seeded(corpus, tmp_path):
-    again = generate_corpus(tmp_path / "again", num_tokens=200_000, seed=3)
-    other = generate_corpus(tmp_path / "other", num_tokens=200_000, seed=4)
+    again = generate_corpus(tmp_path / "again", num_tokens=200_000, seed=3, world_scale=1)
+    other = generate_corpus(tmp_path / "other", num_tokens=200_000, seed=4, world_scale=1)
     for source in SOURCES:
         assert read_source(corpus, source) == read_source(again, source)
         assert read_source(corpus, source) != read_source(other, source)
@@ -54,7 +54,7 @@ def test_sources_look_like_web_encyclopedia_and_latex(corpus):
 
 
 def test_corpus_states_the_worlds_facts(corpus):
-    world = World.generate(3)
+    world = World.generate(3, scale=1)  # small enough for 200k tokens to state every city's and country's facts
     assert json.loads((corpus / "world.json").read_text())["cities"][0]["name"] == world.cities[0].name
     text = "\n".join(t for source in SOURCES for t in read_source(corpus, source))
     for city in world.cities:

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from parameternet_llm.cli import main
 from parameternet_llm.demo.corpus import SOURCES, World, generate_corpus
 from parameternet_llm.errors import InputError
 from parameternet_llm.evaluation.harness import OFFLINE_TASKS_DIR, EvalError, evaluate
-from parameternet_llm.evaluation.offline_tasks import CHANCE, TASK_NAMES, generate_task_data
+from parameternet_llm.evaluation.offline_tasks import CHANCE, TASK_NAMES, generate_task_data, write_task_data
 from parameternet_llm.evaluation.sst2 import finetune_sst2
 from parameternet_llm.training.tokenizer import train_tokenizer
 
@@ -225,6 +226,9 @@ def test_pretraining_beats_an_untrained_model_on_an_offline_task(tmp_path):
 
     recipe = tmp_path / "quick.yaml"
     corpus = tmp_path / "corpus"
+    tasks_dir = tmp_path / "tasks"  # the shipped task folder with the questions of the small world trained on
+    shutil.copytree(OFFLINE_TASKS_DIR, tasks_dir)
+    write_task_data(tasks_dir, seed=0, scale=1)
     recipe.write_text(f"""
 base: {REPO / "recipes" / "tiny.yaml"}
 output_dir: {tmp_path / "trained"}
@@ -232,7 +236,7 @@ model: {{hidden_size: 96, intermediate_size: 256, num_hidden_layers: 2, num_atte
 data:
   seq_len: 128
   validation_documents: 20
-  corpus: {{path: {corpus}, num_tokens: 300000, seed: 0}}
+  corpus: {{path: {corpus}, num_tokens: 300000, seed: 0, world_scale: 1}}
   sources:
     - {{name: web, weight: 0.682, files: {corpus}/web/*.jsonl}}
     - {{name: wiki, weight: 0.205, files: {corpus}/wiki/*.jsonl}}
@@ -250,6 +254,6 @@ eval: {{every: 120, batches: 2}}
     ParameterNetLlamaForCausalLM(config).save_pretrained(untrained)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (untrained / name).write_bytes((trained / name).read_bytes())
-    rows = evaluate([str(trained), str(untrained)], OFFLINE, tmp_path / "scores")
+    rows = evaluate([str(trained), str(untrained)], OFFLINE, tmp_path / "scores", offline_tasks_dir=tasks_dir)
     gains = {task: rows[0]["scores"][task]["value"] - rows[1]["scores"][task]["value"] for task in OFFLINE}
     assert max(gains.values()) >= 0.1, gains

@@ -500,10 +500,15 @@ WRITERS = {"web": web_page, "wiki": wiki_article, "arxiv": latex_paper}
 
 
 def generate_corpus(
-    output_dir: str | Path, num_tokens: int = DEFAULT_NUM_TOKENS, seed: int = 0, shards_per_source: int = 4
+    output_dir: str | Path,
+    num_tokens: int = DEFAULT_NUM_TOKENS,
+    seed: int = 0,
+    shards_per_source: int = 4,
+    world_scale: int = WORLD_SCALE,
 ) -> Path:
-    """Write `output_dir/{web,wiki,arxiv}/*.jsonl` (about `num_tokens` tokens in LLaMA's proportions),
-    `world.json` and `manifest.json`. Deterministic for a seed; reuses an existing complete corpus."""
+    """Write `output_dir/{web,wiki,arxiv}/*.jsonl` (about `num_tokens` tokens in LLaMA's proportions) about the world
+    of `seed` and `world_scale`, `world.json` and `manifest.json`. Deterministic; reuses an existing complete corpus
+    made with the same arguments."""
     output_dir = Path(output_dir)
     manifest_path = output_dir / "manifest.json"
     wanted = {
@@ -516,7 +521,7 @@ def generate_corpus(
         manifest = json.loads(manifest_path.read_text())
         if {key: manifest.get(key) for key in wanted} == wanted:
             return output_dir
-    world = World.generate(seed)
+    world = World.generate(seed, world_scale)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "world.json").write_text(world.to_json())
     documents = {}

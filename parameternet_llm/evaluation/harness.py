@@ -26,11 +26,12 @@ def reported_metric(task: str, metrics: dict) -> tuple[str, float]:
 
 
 @functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | Path | None):
-    """lm-eval's task index (slow to build: it reads every task YAML), once per include path."""
+def task_manager(include_path: str | Path | None, offline_tasks_dir: str | Path = OFFLINE_TASKS_DIR):
+    """lm-eval's task index (slow to build: it reads every task YAML), once per include path and offline tasks
+    folder."""
     from lm_eval.tasks import TaskManager
 
-    paths = [str(p) for p in (include_path, OFFLINE_TASKS_DIR) if p is not None and Path(p).is_dir()]
+    paths = [str(p) for p in (include_path, offline_tasks_dir) if p is not None and Path(p).is_dir()]
     if include_path is not None and not Path(include_path).is_dir():
         raise EvalError(f"--include-path {str(include_path)!r} is not a directory")
     return TaskManager(include_path=paths or None)
@@ -148,13 +149,15 @@ def evaluate(
     batch_size: int = 8,
     limit: int | None = None,
     seq_len: int | None = None,
+    offline_tasks_dir: str | Path = OFFLINE_TASKS_DIR,
 ) -> list[dict]:
-    """Score every checkpoint on every task; write output/results.json and output/table.md."""
+    """Score every checkpoint on every task; write output/results.json and output/table.md. The offline tasks are
+    read from `offline_tasks_dir` (a copy of the shipped folder may hold the questions of another world)."""
     paths = [Path(checkpoint) for checkpoint in checkpoints]
     for path in paths:
         if not (path / "config.json").is_file():
             raise EvalError(f"checkpoint {str(path)!r} has no config.json: not a saved model directory")
-    manager = task_manager(include_path)
+    manager = task_manager(include_path, offline_tasks_dir)
     check_tasks(manager, tasks)
     rows = [evaluate_checkpoint(path, tasks, manager, batch_size, limit, seq_len) for path in paths]
     output = Path(output)

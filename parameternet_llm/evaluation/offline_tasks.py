@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from ..demo.corpus import World
+from ..demo.corpus import WORLD_SCALE, World
 
 TASK_NAMES = ("pnet_arc", "pnet_boolq", "pnet_hellaswag")
 CHANCE = {"pnet_arc": 0.25, "pnet_boolq": 0.5, "pnet_hellaswag": 0.25}
@@ -127,10 +127,10 @@ GENERATORS = {"pnet_arc": arc_questions, "pnet_boolq": boolq_questions, "pnet_he
 MAX_QUESTIONS = 500
 
 
-def generate_task_data(seed: int = 0) -> dict[str, list[dict]]:
-    """Every task's documents for the world of `seed` (the embedded corpus uses seed 0): at most
-    MAX_QUESTIONS per task, a seeded sample in generation order."""
-    world = World.generate(seed)
+def generate_task_data(seed: int = 0, scale: int = WORLD_SCALE) -> dict[str, list[dict]]:
+    """Every task's documents for the world of `seed` and `scale` (the shipped tasks: the embedded corpus's
+    world, seed 0 and WORLD_SCALE): at most MAX_QUESTIONS per task, a seeded sample in generation order."""
+    world = World.generate(seed, scale)
     tasks = {}
     for name, generator in GENERATORS.items():
         rng = random.Random(f"{seed}-{name}")
@@ -141,9 +141,9 @@ def generate_task_data(seed: int = 0) -> dict[str, list[dict]]:
     return tasks
 
 
-def write_task_data(tasks_dir: str | Path, seed: int = 0) -> None:
+def write_task_data(tasks_dir: str | Path, seed: int = 0, scale: int = WORLD_SCALE) -> None:
     """Write `tasks_dir/<task>/test.jsonl` for every task."""
-    for name, documents in generate_task_data(seed).items():
+    for name, documents in generate_task_data(seed, scale).items():
         path = Path(tasks_dir) / name / "test.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(doc) + "\n" for doc in documents))

@@ -199,9 +199,14 @@ def open_recipe_sources(data_section: dict) -> list[tuple[Source, IterableDatase
     (a no-op when it exists)."""
     corpus = data_section["corpus"]
     if corpus is not None:
-        from ..demo.corpus import DEFAULT_NUM_TOKENS, generate_corpus
+        from ..demo.corpus import DEFAULT_NUM_TOKENS, WORLD_SCALE, generate_corpus
 
-        generate_corpus(corpus["path"], corpus.get("num_tokens", DEFAULT_NUM_TOKENS), corpus.get("seed", 0))
+        generate_corpus(
+            corpus["path"],
+            corpus.get("num_tokens", DEFAULT_NUM_TOKENS),
+            corpus.get("seed", 0),
+            world_scale=corpus.get("world_scale", WORLD_SCALE),
+        )
     return open_sources(data_section["sources"])
 
 

@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
 NULLABLE = {"train.resume", "data.corpus", "tokenizer.path", "tokenizer.train"}
 SOURCE_KEYS = {"name", "weight", "files", "hub", "text_field"}
 HUB_KEYS = {"path", "name", "split", "revision", "data_files"}
-CORPUS_KEYS = {"path", "num_tokens", "seed"}
+CORPUS_KEYS = {"path", "num_tokens", "seed", "world_scale"}
 TOKENIZER_TRAIN_KEYS = {"vocab_size", "max_documents"}
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
