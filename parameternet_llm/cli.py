@@ -111,7 +111,8 @@ def finetune_sst2_command(args: argparse.Namespace) -> None:
 def demo_command(args: argparse.Namespace) -> None:
     from .demo.run import run_demo
 
-    run_demo(args.output, args.preset)
+    seeds = None if args.seeds is None else tuple(int(seed) for seed in args.seeds.split(","))
+    run_demo(args.output, args.preset, seeds)
 
 
 def router_init_std(text: str) -> float | None:
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--output", default="runs/demo", help="directory for everything the demo writes")
     command.add_argument("--preset", help="cpu (default without a GPU), cpu-table7 or gpu (default with one)")
+    command.add_argument("--seeds", help="comma-separated training seeds (default: the preset's, 0,1,2)")
     command.set_defaults(handler=demo_command)
 
     command = commands.add_parser(

@@ -8,6 +8,7 @@ import pytest
 from parameternet_llm.cli import main
 from parameternet_llm.demo import run as demo
 from parameternet_llm.errors import InputError
+from parameternet_llm.training.recipe import validate_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -95,3 +96,16 @@ def test_presets_train_every_variant_with_three_seeds():
     assert set(cpu.variants) == {"dense", "up_proj x8"} and cpu.upcycled == "up_proj x8"
     assert len(gpu.variants) == 7 and gpu.upcycled == "up_proj x8"
     assert all(len(preset.seeds) >= 3 for preset in demo.PRESETS.values())
+
+
+def test_the_gpu_preset_recipes_are_valid_and_seeds_can_be_chosen(micro_preset, tmp_path):
+    gpu = demo.PRESETS["gpu"]
+    for seed in gpu.seeds:
+        recipes = demo.variant_recipes(gpu, tmp_path, seed)
+        assert len(recipes) == 8
+        for variant, recipe in recipes.items():
+            if not variant.endswith(demo.UPCYCLED_SUFFIX):  # that one reads the dense run's export
+                checked = validate_recipe(recipe)
+                assert checked["train"]["seed"] == checked["data"]["seed"] == seed
+    with pytest.raises(SystemExit, match="must be distinct"):
+        main(["demo", "--output", str(tmp_path), "--preset", "micro", "--seeds", "1,1"])

@@ -287,11 +287,18 @@ def summarize(variant: str, rows: list[dict]) -> dict:
     }
 
 
-def run_demo(output: str | Path = "runs/demo", preset_name: str | None = None) -> str:
+def run_demo(
+    output: str | Path = "runs/demo", preset_name: str | None = None, seeds: tuple[int, ...] | None = None
+) -> str:
+    """Run the preset (the hardware's default if None) with its seeds or `seeds`; return the report."""
     preset_name = preset_name or default_preset()
     if preset_name not in PRESETS:
         raise InputError(f"unknown preset {preset_name!r}: choose one of {sorted(PRESETS)}")
     preset = PRESETS[preset_name]
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise InputError(f"seeds {list(seeds)} must be distinct, and at least one")
+        preset = replace(preset, seeds=seeds)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     print(f"[demo] preset {preset_name}: {preset.description}; writing to {output}")
