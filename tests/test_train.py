@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.recipe import load_recipe
-from parameternet_llm.training.train import Trainer, checkpoints, run
+from parameternet_llm.training.train import StarvationWatch, Trainer, checkpoints, run, tracker_values
 
 METRIC_KEYS = {
     "step",
@@ -29,6 +30,8 @@ METRIC_KEYS = {
     "mfu",
     "expert_load_max",
     "dropped_frac",
+    "expert_load",
+    "dropped",
     "val_loss",
 }
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss", "expert_load_max", "dropped_frac")
@@ -52,6 +55,11 @@ def test_tiny_recipe_logs_checkpoints_and_saves_a_loadable_model(small_world, tm
         assert set(line) >= METRIC_KEYS
         assert line["mfu"] is None  # CPU
         assert 0.25 <= line["expert_load_max"] <= 1 and 0 <= line["dropped_frac"] < 1
+        loads, dropped = line["expert_load"], line["dropped"]
+        assert list(loads) == list(dropped) == [f"model.layers.{i}.mlp.up_proj" for i in range(2)]
+        assert all(len(shares) == 4 and sum(shares) == pytest.approx(1, abs=1e-5) for shares in loads.values())
+        assert line["expert_load_max"] == pytest.approx(sum(max(v) for v in loads.values()) / 2)
+        assert line["dropped_frac"] == pytest.approx(sum(dropped.values()) / 2)
         assert line["aux_loss"] >= 1.0 - 1e-4 and line["tokens"] == line["step"] * 4 * 64
     assert metrics[-1]["lm_loss"] < metrics[0]["lm_loss"] - 0.3
     assert [m["val_loss"] is not None for m in metrics] == [False, False, True, False, False, True]
@@ -85,7 +93,8 @@ def test_dense_twin_trains_without_routing_metrics(small_world, tmp_path):
     out = tmp_path / "dense"
     run(str(recipes["tiny-dense"]), [f"output_dir={out}", "train.max_steps=4"])
     metrics = read_metrics(out)
-    assert metrics[-1]["expert_load_max"] is None and metrics[-1]["aux_loss"] == 0.0
+    assert metrics[-1]["expert_load_max"] is None and metrics[-1]["expert_load"] is None
+    assert metrics[-1]["aux_loss"] == 0.0
     assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "llama"
 
 
@@ -124,6 +133,26 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(small_world,
                 assert got[key] is None, (got["step"], key)
             else:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
+
+
+def test_a_resume_between_logging_steps_logs_what_the_uninterrupted_run_logged(small_world, tmp_path):
+    """The checkpoint at step 9 holds the statistics of step 9, so the resumed run's log at step 10 averages
+    steps 9 and 10 as the uninterrupted run's did."""
+    _, recipes = small_world
+    overrides = ["train.max_steps=12", "train.save_every=3", "train.log_every=2", "train.keep_checkpoints=4"]
+    run(str(recipes["tiny"]), [f"output_dir={tmp_path / 'straight'}", *overrides])
+    expected = read_metrics(tmp_path / "straight")
+    crashed = tmp_path / "crashed"  # what a crash after step 9's checkpoint leaves
+    (crashed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-00000009", crashed / "checkpoints" / "step-00000009")
+    logged = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("".join(line + "\n" for line in logged if json.loads(line)["step"] <= 8))
+    run(str(recipes["tiny"]), [f"output_dir={crashed}", *overrides, "train.resume=auto"])
+    resumed = read_metrics(crashed)
+    assert [m["step"] for m in resumed] == [m["step"] for m in expected] == [2, 4, 6, 8, 10, 12]
+    for got, want in zip(resumed[4:], expected[4:], strict=True):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "expert_load_max", "dropped_frac"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (got["step"], key)
 
 
 def test_two_processes_train_and_agree(small_world, tmp_path):
@@ -275,3 +304,34 @@ def test_a_run_exports_midway_and_another_continues_its_schedule_from_there(smal
         load_recipe(recipes["tiny-dense"], ["train.max_steps=8", "train.start_step=8"])
     with pytest.raises(InputError, match="'train.export_steps' must list steps"):
         load_recipe(recipes["tiny-dense"], ["train.max_steps=8", "train.export_steps=[9]"])
+
+
+def test_a_starved_expert_is_warned_about_once_and_loads_reach_trackers():
+    watch = StarvationWatch(patience=20)
+    balanced, collapsed = [0.25] * 4, [0.5, 0.45, 0.045, 0.005]  # expert 3 under a tenth of 1/4
+    assert watch.update({"model.layers.0.mlp.up_proj": collapsed}, 10) == []
+    assert watch.update({"model.layers.0.mlp.up_proj": balanced}, 10) == []  # recovered: the count starts again
+    assert watch.update({"model.layers.0.mlp.up_proj": collapsed}, 10) == []
+    warnings = watch.update({"model.layers.0.mlp.up_proj": collapsed}, 10)
+    assert len(warnings) == 1 and warnings[0].startswith("expert 3 of model.layers.0.mlp.up_proj has had under 2.50%")
+    assert watch.update({"model.layers.0.mlp.up_proj": collapsed}, 10) == []  # once
+
+    record = {
+        "loss": 1.0,
+        "expert_load": {"model.layers.0.mlp.up_proj": balanced},
+        "dropped": {"model.layers.0.mlp.up_proj": 0.1},
+    }
+    values = tracker_values(record)
+    assert values["expert_load/layers.0.up_proj/3"] == 0.25 and values["dropped/layers.0.up_proj"] == 0.1
+    assert values["loss"] == 1.0 and "expert_load" not in values
+
+
+@pytest.mark.parametrize(
+    "variable, engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")]
+)
+def test_an_engine_accelerate_cannot_run_here_is_refused(small_world, tmp_path, monkeypatch, variable, engine):
+    """Without accelerators accelerate falls back to data parallelism when asked for FSDP or DeepSpeed."""
+    _, recipes = small_world
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(InputError, match=f"asks for {engine} .* accelerate runs NO here"):
+        Trainer(load_recipe(recipes["tiny"], [f"output_dir={tmp_path}"]))

@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
         "mixed_precision": "auto",
         "gradient_checkpointing": False,
         "log_every": 10,
+        # Warn when an expert gets under a tenth of its balanced share of tokens for this many steps.
+        "starved_expert_steps": 200,
         "save_every": 500,
         "keep_checkpoints": 2,
         # Steps after which the model is also written as an HF checkpoint to output_dir/export/step-N/.
@@ -207,6 +209,7 @@ def validate_recipe(raw: dict) -> dict:
         "micro_batch_size",
         "gradient_accumulation_steps",
         "log_every",
+        "starved_expert_steps",
         "save_every",
         "keep_checkpoints",
     ):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ from .data import build_pretraining_data, open_recipe_sources, training_document
 from .recipe import RecipeError, load_recipe, model_config, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
+logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "step-"
 # Dense bf16 tensor-core peak per device, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -57,6 +59,21 @@ def initial_model(model_section: dict, config) -> torch.nn.Module:
         return upcycled_model(init_from, config, upcycle_options(model_section))
     model_class = ParameterNetLlamaForCausalLM if is_parameternet(config) else LlamaForCausalLM
     return model_class.from_pretrained(init_from, config=config, dtype=torch.float32)
+
+
+def check_engine(accelerator: Accelerator) -> None:
+    """Refuse a launch that asked for FSDP or DeepSpeed where accelerate runs neither: it falls back to plain data
+    parallelism without a word on machines without accelerators (a config with use_cpu: true included)."""
+    for engine, variable in (
+        (DistributedType.FSDP, "ACCELERATE_USE_FSDP"),
+        (DistributedType.DEEPSPEED, "ACCELERATE_USE_DEEPSPEED"),
+    ):
+        if os.environ.get(variable, "false").lower() == "true" and accelerator.distributed_type != engine:
+            raise InputError(
+                f"the accelerate config asks for {engine.value} ({variable}=true), but accelerate runs "
+                f"{accelerator.distributed_type.value} here: it runs {engine.value} only on accelerators (GPUs), not "
+                "on CPUs or with use_cpu: true. Use a data-parallel config on this machine."
+            )
 
 
 def learning_rate_schedule(optimizer, train: dict) -> LambdaLR:
@@ -135,6 +152,7 @@ class Trainer:
             log_with=train["trackers"] or None,
             project_dir=str(self.output_dir),
         )
+        check_engine(self.accelerator)
         set_seed(train["seed"])
         accelerator = self.accelerator
         with accelerator.main_process_first():
@@ -188,13 +206,14 @@ class Trainer:
             * accelerator.num_processes
         )
         self.step = train["start_step"]
+        self.resumed_window = None
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         if train["trackers"]:
             accelerator.init_trackers("parameternet-llm", config=flatten("", recipe))
 
     # --- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, window: "Window") -> None:
         accelerator = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
@@ -207,6 +226,8 @@ class Trainer:
         (staging / f"data_state_rank{accelerator.process_index}.json").write_text(
             json.dumps(self.data.train.state_dict())
         )
+        # The statistics of the steps since the last log, so a resumed run logs what the uninterrupted one would.
+        torch.save(window.state_dict(), staging / f"window_rank{accelerator.process_index}.pt")
         if accelerator.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step}))
         accelerator.wait_for_everyone()
@@ -227,6 +248,8 @@ class Trainer:
             )
         self.accelerator.load_state(str(path))
         self.data.train.load_state_dict(json.loads(data_state.read_text()))
+        window = path / f"window_rank{self.accelerator.process_index}.pt"
+        self.resumed_window = torch.load(window, map_location=self.accelerator.device) if window.is_file() else None
         self.step = json.loads((path / "trainer_state.json").read_text())["step"]
         self.accelerator.print(f"resumed from {path} at step {self.step}")
 
@@ -250,6 +273,9 @@ class Trainer:
             disable=not (accelerator.is_main_process and train["progress_bar"]),
         )
         window = Window()
+        if self.resumed_window is not None:
+            window.load_state_dict(self.resumed_window)
+        starvation = StarvationWatch(train["starved_expert_steps"])
         self.model.train()
         record = {}
         while self.step < train["max_steps"]:
@@ -266,6 +292,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             window.steps += 1
+            window.timed_steps += 1
             progress.update(1)
             evaluate_now = self.step % recipe["eval"]["every"] == 0 or self.step == train["max_steps"]
             if self.step % train["log_every"] == 0 or evaluate_now:
@@ -282,12 +309,14 @@ class Trainer:
                     progress.set_postfix(
                         loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=self.step)
+                accelerator.log(tracker_values(record), step=self.step)
+                for warning in starvation.update(record["expert_load"], window.steps):
+                    logger.warning(warning)
                 window = Window()
             if self.step in train["export_steps"]:
                 self.export(self.output_dir / "export" / f"{CHECKPOINT_PREFIX}{self.step:08d}")
             if self.step % train["save_every"] == 0 or self.step == train["max_steps"]:
-                self.save_checkpoint()
+                self.save_checkpoint(window)
         progress.close()
         summary = {
             "step": self.step,
@@ -354,9 +383,26 @@ class Window:
     """Per-micro-batch statistics between two logging steps, kept on the device until logged."""
 
     def __init__(self):
-        self.losses, self.grad_norms, self.load_max, self.dropped = [], [], [], []
+        self.losses, self.grad_norms, self.loads, self.dropped = [], [], [], []
+        self.linears: list[str] = []
         self.started = time.perf_counter()
-        self.steps = 0
+        self.steps = 0  # optimizer steps in the window
+        self.timed_steps = 0  # of which this process timed (a resumed window's earlier steps were not)
+
+    def state_dict(self) -> dict:
+        return {
+            "losses": self.losses,
+            "grad_norms": self.grad_norms,
+            "loads": self.loads,
+            "dropped": self.dropped,
+            "linears": self.linears,
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses, self.grad_norms = state["losses"], state["grad_norms"]
+        self.loads, self.dropped, self.linears = state["loads"], state["dropped"], state["linears"]
+        self.steps = state["steps"]
 
     def add_grad_norm(self, norm) -> None:
         if norm is not None:  # DeepSpeed clips inside its engine and may not report the norm
@@ -368,8 +414,9 @@ class Window:
         losses = [out.loss, lm_loss_of(out), zero if aux is None else aux, zero if z is None else z]
         self.losses.append(torch.stack(losses).detach().float())
         if routing_stats:
-            self.load_max.append(torch.stack([s["load"].max() for s in routing_stats.values()]).max())
-            self.dropped.append(torch.stack([s["dropped"] for s in routing_stats.values()]).mean())
+            self.linears = list(routing_stats)
+            self.loads.append(torch.stack([s["load"] for s in routing_stats.values()]))  # [R, E]
+            self.dropped.append(torch.stack([s["dropped"] for s in routing_stats.values()]))  # [R]
 
     def summary(self, accelerator, step: int, tokens_per_step: int, lr: float) -> dict:
         losses = accelerator.reduce(torch.stack(self.losses).mean(0), "mean").tolist()
@@ -383,14 +430,57 @@ class Window:
             "lr": lr,
             "grad_norm": torch.stack(self.grad_norms).mean().item() if self.grad_norms else None,
             "tokens": step * tokens_per_step,
-            "tokens_per_s": self.steps * tokens_per_step / elapsed,
+            "tokens_per_s": self.timed_steps * tokens_per_step / elapsed,
             "expert_load_max": None,
             "dropped_frac": None,
+            "expert_load": None,
+            "dropped": None,
         }
-        if self.load_max:
-            record["expert_load_max"] = accelerator.reduce(torch.stack(self.load_max).mean(), "mean").item()
-            record["dropped_frac"] = accelerator.reduce(torch.stack(self.dropped).mean(), "mean").item()
+        if self.loads:
+            loads = accelerator.reduce(torch.stack(self.loads).mean(0), "mean")  # [R, E] over the window and ranks
+            dropped = accelerator.reduce(torch.stack(self.dropped).mean(0), "mean")  # [R]
+            record["expert_load_max"] = loads.max(1).values.mean().item()
+            record["dropped_frac"] = dropped.mean().item()
+            record["expert_load"] = dict(zip(self.linears, loads.tolist(), strict=True))
+            record["dropped"] = dict(zip(self.linears, dropped.tolist(), strict=True))
         return record
+
+
+class StarvationWatch:
+    """Warns once per expert whose share of tokens stays under a tenth of the balanced 1/E for `patience` steps
+    (router collapse): the window loads are checked at every logging step."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.starved_for: dict[tuple[str, int], int] = {}
+        self.warned: set[tuple[str, int]] = set()
+
+    def update(self, loads: dict[str, list[float]] | None, steps: int) -> list[str]:
+        """Count `steps` more for every starved expert; the warnings due now."""
+        warnings = []
+        for linear, shares in (loads or {}).items():
+            for expert, share in enumerate(shares):
+                key = (linear, expert)
+                self.starved_for[key] = self.starved_for.get(key, 0) + steps if share < 0.1 / len(shares) else 0
+                if self.starved_for[key] >= self.patience and key not in self.warned:
+                    self.warned.add(key)
+                    warnings.append(
+                        f"expert {expert} of {linear} has had under {100 * 0.1 / len(shares):.2f}% of the tokens "
+                        f"for {self.starved_for[key]} steps (router collapse?): consider a larger "
+                        "router_aux_loss_coef, router_jitter_noise, or a lower learning rate"
+                    )
+        return warnings
+
+
+def tracker_values(record: dict) -> dict[str, float]:
+    """The record's numbers for trackers, with every routed linear's expert loads and dropped share as scalars
+    (`expert_load/layers.0.up_proj/3`, `dropped/layers.0.up_proj`)."""
+    values = {key: value for key, value in record.items() if isinstance(value, (int, float))}
+    for linear, shares in (record["expert_load"] or {}).items():
+        short = linear.removeprefix("model.").replace(".mlp.", ".")
+        values.update({f"expert_load/{short}/{expert}": share for expert, share in enumerate(shares)})
+        values[f"dropped/{short}"] = record["dropped"][linear]
+    return values
 
 
 def lm_loss_of(out) -> torch.Tensor:
