@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
         "mixed_precision": "auto",
         "gradient_checkpointing": False,
         "log_every": 10,
+        # Switch load balancing on each micro-batch's statistics ("micro") or on the global batch's, all processes and
+        # accumulation steps ("global"; one extra forward without gradients per micro-batch).
+        "router_aux_loss_scope": "micro",
         # Warn when an expert gets under a tenth of its balanced share of tokens for this many steps.
         "starved_expert_steps": 200,
         "save_every": 500,
@@ -215,6 +218,10 @@ def validate_recipe(raw: dict) -> dict:
     ):
         if train[key] < 1:
             raise RecipeError(f"recipe key 'train.{key}' must be >= 1, got {train[key]}")
+    if train["router_aux_loss_scope"] not in ("micro", "global"):
+        raise RecipeError(
+            f"recipe key 'train.router_aux_loss_scope' must be micro or global, got {train['router_aux_loss_scope']!r}"
+        )
     if not 0 <= train["start_step"] < train["max_steps"]:
         raise RecipeError(f"recipe key 'train.start_step' must be in [0, max_steps), got {train['start_step']}")
     if not all(isinstance(step, int) and 0 < step <= train["max_steps"] for step in train["export_steps"]):

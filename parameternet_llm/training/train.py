@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -28,6 +29,7 @@ from ..errors import InputError
 from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 from ..presets import is_parameternet
 from ..upcycling import read_checkpoint_config, upcycled_model
+from .balance import expert_counts, global_aux_loss
 from .data import build_pretraining_data, open_recipe_sources, training_documents
 from .recipe import RecipeError, load_recipe, model_config, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
@@ -278,11 +280,20 @@ class Trainer:
         starvation = StarvationWatch(train["starved_expert_steps"])
         self.model.train()
         record = {}
+        global_balance = routed and train["router_aux_loss_scope"] == "global"
         while self.step < train["max_steps"]:
-            for _ in range(train["gradient_accumulation_steps"]):
-                batch = next(batches).to(accelerator.device)
+            micro_batches = [next(batches).to(accelerator.device) for _ in range(train["gradient_accumulation_steps"])]
+            if global_balance:
+                shares, total_tokens = self.global_expert_shares(micro_batches)
+            for batch in micro_batches:
                 with accelerator.accumulate(self.model):
                     out = self.model(input_ids=batch, labels=batch)
+                    if global_balance:
+                        scale = accelerator.num_processes * len(micro_batches)
+                        aux_loss = global_aux_loss(out.routing, shares, total_tokens, scale)
+                        losses = SimpleNamespace(aux_loss=aux_loss, z_loss=out.z_loss)
+                        out["loss"] = unwrapped.with_router_losses(out.lm_loss, losses)
+                        out["aux_loss"] = aux_loss  # averaged over micro-batches and ranks: the global loss
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         window.add_grad_norm(accelerator.clip_grad_norm_(self.model.parameters(), train["grad_clip"]))
@@ -327,6 +338,17 @@ class Trainer:
         self.save_final(summary)
         self.close()
         return summary
+
+    def global_expert_shares(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """f of the global batch: every routed linear's share of tokens per expert over this step's micro-batches on
+        every process (a forward without gradients), and the global number of tokens."""
+        counts = tokens = 0
+        with torch.no_grad():
+            for batch in micro_batches:
+                batch_counts, batch_tokens = expert_counts(self.model(input_ids=batch).routing)
+                counts, tokens = counts + batch_counts, tokens + batch_tokens
+        counts, tokens = self.accelerator.reduce(counts, "sum"), self.accelerator.reduce(tokens, "sum")
+        return counts / tokens.clamp(min=1), tokens
 
     def close(self) -> None:
         """Free the prepared model and optimizer, then end the trackers and the process group. DDP's reducer
