@@ -1,6 +1,7 @@
 """End-to-end pretraining on the embedded corpus: metrics, checkpoints, kill and resume, two processes, bad input."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.recipe import load_recipe
@@ -65,6 +67,8 @@ def test_tiny_recipe_logs_checkpoints_and_saves_a_loadable_model(small_world, tm
     assert [m["val_loss"] is not None for m in metrics] == [False, False, True, False, False, True]
     assert summary["ranks_in_sync"] is True and summary["num_processes"] == 1
     assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000008", "step-00000012"]
+    saved = {name: json.loads((out / "final" / name).read_text()) for name in ("config.json", "generation_config.json")}
+    assert saved["config.json"].get("use_cache", True) and saved["generation_config.json"].get("use_cache", True)
     assert list((out / "runs").rglob("events.out.tfevents*")) or list(out.rglob("events.out.tfevents*"))
 
     probe = textwrap.dedent(f"""
@@ -283,8 +287,6 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(small_world, tmp_path
 def test_a_run_exports_midway_and_another_continues_its_schedule_from_there(small_world, tmp_path):
     """export_steps writes an HF checkpoint midway; a run with init_from it and start_step follows the rest of the
     schedule (after its own warm-up) on the blocks the first run had not read yet."""
-    from safetensors.torch import load_file
-
     _, recipes = small_world
     first = tmp_path / "first"
     run(str(recipes["tiny-dense"]), [f"output_dir={first}", "train.max_steps=8", "train.export_steps=[4]"])
@@ -332,3 +334,19 @@ def test_fsdp_that_accelerate_cannot_run_here_is_refused(small_world, tmp_path, 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(InputError, match="asks for FSDP .* accelerate runs NO here"):
         Trainer(load_recipe(recipes["tiny"], [f"output_dir={tmp_path}"]))
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(small_world, tmp_path):
+    _, recipes = small_world
+    out = tmp_path / "nan"
+    overrides = ["train.lr=1.0e+4", "train.warmup_steps=1", "train.max_steps=40", "train.save_every=2"]
+    with pytest.raises(InputError, match="training diverged: a non-finite loss or gradient norm") as error:
+        run(str(recipes["tiny"]), [f"output_dir={out}", *overrides, "train.log_every=1", "train.grad_clip=1.0e+30"])
+    assert not (out / "final").exists()
+    for checkpoint in checkpoints(out / "checkpoints"):  # whatever was saved is finite
+        state = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(tensor).all() for tensor in state.values()), checkpoint.name
+    if checkpoints(out / "checkpoints"):
+        assert checkpoints(out / "checkpoints")[-1].name in str(error.value)
+    if (out / "metrics.jsonl").exists():
+        assert all(math.isfinite(m["loss"]) for m in read_metrics(out))

@@ -36,6 +36,12 @@ from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
 logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "step-"
+
+
+class DivergedError(InputError):
+    """Training produced a non-finite loss or gradient; the message names the steps and what to change."""
+
+
 # Dense bf16 tensor-core peak per device, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -171,7 +177,6 @@ class Trainer:
                 f"model.vocab_size={self.config.vocab_size} is smaller than the tokenizer "
                 f"({len(self.tokenizer)} tokens)"
             )
-        self.config.use_cache = False
         self.data = build_pretraining_data(
             opened,
             self.tokenizer,
@@ -287,7 +292,7 @@ class Trainer:
                 shares, total_tokens = self.global_expert_shares(micro_batches)
             for batch in micro_batches:
                 with accelerator.accumulate(self.model):
-                    out = self.model(input_ids=batch, labels=batch)
+                    out = self.model(input_ids=batch, labels=batch, use_cache=False)
                     if global_balance:
                         scale = accelerator.num_processes * len(micro_batches)
                         aux_loss = global_aux_loss(out.routing, shares, total_tokens, scale)
@@ -313,6 +318,7 @@ class Trainer:
                     if peak is None
                     else self.train_flops_per_token * record["tokens_per_s"] / (peak * accelerator.num_processes)
                 )
+                self.stop_if_diverged(window)
                 record["val_loss"] = self.validation_loss() if evaluate_now and self.data.validation else None
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as stream:
@@ -327,6 +333,7 @@ class Trainer:
             if self.step in train["export_steps"]:
                 self.export(self.output_dir / "export" / f"{CHECKPOINT_PREFIX}{self.step:08d}")
             if self.step % train["save_every"] == 0 or self.step == train["max_steps"]:
+                self.stop_if_diverged(window)
                 self.save_checkpoint(window)
         progress.close()
         summary = {
@@ -339,13 +346,24 @@ class Trainer:
         self.close()
         return summary
 
+    def stop_if_diverged(self, window: "Window") -> None:
+        """Stop before logging or saving anything non-finite: the last checkpoint stays the last good one."""
+        if not window.finite(self.accelerator):
+            good = checkpoints(self.output_dir / "checkpoints")
+            raise DivergedError(
+                f"training diverged: a non-finite loss or gradient norm between step {self.step - window.steps} and "
+                f"step {self.step}; nothing of it was saved"
+                + (f", the last good checkpoint is {good[-1].name}" if good else "")
+                + ". Lower train.lr or raise train.warmup_steps, then resume (train.resume=auto)"
+            )
+
     def global_expert_shares(self, micro_batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """f of the global batch: every routed linear's share of tokens per expert over this step's micro-batches on
         every process (a forward without gradients), and the global number of tokens."""
         counts = tokens = 0
         with torch.no_grad():
             for batch in micro_batches:
-                batch_counts, batch_tokens = expert_counts(self.model(input_ids=batch).routing)
+                batch_counts, batch_tokens = expert_counts(self.model(input_ids=batch, use_cache=False).routing)
                 counts, tokens = counts + batch_counts, tokens + batch_tokens
         counts, tokens = self.accelerator.reduce(counts, "sum"), self.accelerator.reduce(tokens, "sum")
         return counts / tokens.clamp(min=1), tokens
@@ -367,7 +385,7 @@ class Trainer:
         with torch.no_grad():
             for start in range(0, len(self.data.validation), batch_size):
                 batch = torch.stack(self.data.validation[start : start + batch_size]).to(self.accelerator.device)
-                total += lm_loss_of(model(input_ids=batch, labels=batch))
+                total += lm_loss_of(model(input_ids=batch, labels=batch, use_cache=False))
         model.train()
         return (total / math.ceil(len(self.data.validation) / batch_size)).item()
 
@@ -439,6 +457,15 @@ class Window:
             self.linears = list(routing_stats)
             self.loads.append(torch.stack([s["load"] for s in routing_stats.values()]))  # [R, E]
             self.dropped.append(torch.stack([s["dropped"] for s in routing_stats.values()]))  # [R]
+
+    def finite(self, accelerator) -> bool:
+        """Whether every loss and gradient norm of the window is finite on every process."""
+        values = [torch.stack(self.losses).flatten()] if self.losses else []
+        values += [torch.stack(self.grad_norms).flatten()] if self.grad_norms else []
+        if not values:
+            return True
+        bad = (~torch.isfinite(torch.cat([v.to(accelerator.device) for v in values]))).sum().float()
+        return accelerator.reduce(bad, "sum").item() == 0
 
     def summary(self, accelerator, step: int, tokens_per_step: int, lr: float) -> dict:
         losses = accelerator.reduce(torch.stack(self.losses).mean(0), "mean").tolist()
