@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from parameternet_llm.errors import InputError
+from parameternet_llm.training.metrics import read_metrics as read_metrics_file
 from parameternet_llm.training.recipe import load_recipe
 from parameternet_llm.training.train import StarvationWatch, Trainer, checkpoints, run, tracker_values
 
@@ -350,3 +351,18 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(small_world
         assert checkpoints(out / "checkpoints")[-1].name in str(error.value)
     if (out / "metrics.jsonl").exists():
         assert all(math.isfinite(m["loss"]) for m in read_metrics(out))
+
+
+def test_a_torn_last_metrics_line_is_skipped_and_dropped_on_resume(small_world, tmp_path):
+    _, recipes = small_world
+    out = tmp_path / "torn"
+    overrides = ["train.max_steps=4", "train.save_every=2", "train.log_every=2"]
+    run(str(recipes["tiny"]), [f"output_dir={out}", *overrides])
+    with (out / "metrics.jsonl").open("a") as stream:
+        stream.write('{"step": 5, "loss": 4.9')  # a crash while logging
+    assert [m["step"] for m in read_metrics_file(out / "metrics.jsonl")] == [2, 4]
+    run(str(recipes["tiny"]), [f"output_dir={out}", *overrides[1:], "train.max_steps=6", "train.resume=auto"])
+    assert [m["step"] for m in read_metrics(out)] == [2, 4, 6]
+    (out / "metrics.jsonl").write_text('{"step": 2}\nnot json\n{"step": 4}\n')
+    with pytest.raises(InputError, match="metrics.jsonl line 2 is not a JSON record"):
+        read_metrics_file(out / "metrics.jsonl")

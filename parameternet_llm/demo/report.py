@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.offline_tasks import CHANCE
+from ..training.metrics import read_metrics
 
 # Training FLOPs per token are 3x the forward's (forward, and the backward's two products).
 TRAINING_FLOPS_PER_FORWARD = 3
@@ -36,7 +37,7 @@ def plot_loss_against_flops(runs: dict[str, list[Path]], flops_per_token: dict[s
     shown = []  # the losses the plot must show: validation means, and the train loss where it ends
     for index, (variant, run_dirs) in enumerate(runs.items()):
         color = f"C{index}"
-        per_seed = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in run_dirs]
+        per_seed = [read_metrics(d / "metrics.jsonl") for d in run_dirs]
         scale = TRAINING_FLOPS_PER_FORWARD * flops_per_token[variant] / 1e12
         steps = sorted(set.intersection(*({m["step"] for m in lines} for lines in per_seed)))
         by_step = [{m["step"]: m for m in lines} for lines in per_seed]

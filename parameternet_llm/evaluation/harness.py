@@ -8,6 +8,7 @@ import torch
 
 from ..accounting import count_parameters, flops_per_token
 from ..errors import InputError
+from ..training.metrics import read_metrics
 
 # The paper's zero-shot tasks (Table 7) by their lm-eval names; SST-2 is fine-tuned instead.
 PAPER_TASKS = ("arc_easy", "boolq", "hellaswag")
@@ -61,7 +62,7 @@ def run_summary(checkpoint: Path) -> dict:
     metrics_path = checkpoint.parent / "metrics.jsonl"
     if not metrics_path.is_file():
         return {"train_loss": None, "val_loss": None}
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    lines = read_metrics(metrics_path)
     val_losses = [line["val_loss"] for line in lines if line.get("val_loss") is not None]
     return {"train_loss": lines[-1]["lm_loss"] if lines else None, "val_loss": val_losses[-1] if val_losses else None}
 

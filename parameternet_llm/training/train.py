@@ -31,6 +31,7 @@ from ..presets import is_parameternet
 from ..upcycling import read_checkpoint_config, upcycled_model
 from .balance import expert_counts, global_aux_loss
 from .data import build_pretraining_data, open_recipe_sources, training_documents
+from .metrics import keep_logged_steps_up_to
 from .recipe import RecipeError, load_recipe, model_config, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
@@ -536,14 +537,6 @@ def lm_loss_of(out) -> torch.Tensor:
     """The cross-entropy alone: ParameterNet outputs carry it as lm_loss, dense LLaMA's loss is it."""
     lm_loss = getattr(out, "lm_loss", None)
     return out.loss if lm_loss is None else lm_loss
-
-
-def keep_logged_steps_up_to(metrics_path: Path, step: int) -> None:
-    """Drop metric lines past `step` (left by a run that crashed after its last checkpoint)."""
-    if not metrics_path.exists():
-        return
-    lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    metrics_path.write_text("".join(line + "\n" for line in lines))
 
 
 def run(recipe_path: str, overrides: list[str]) -> dict:
