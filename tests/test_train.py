@@ -366,3 +366,23 @@ def test_a_torn_last_metrics_line_is_skipped_and_dropped_on_resume(small_world, 
     (out / "metrics.jsonl").write_text('{"step": 2}\nnot json\n{"step": 4}\n')
     with pytest.raises(InputError, match="metrics.jsonl line 2 is not a JSON record"):
         read_metrics_file(out / "metrics.jsonl")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(small_world, tmp_path, caplog):
+    _, recipes = small_world
+    out = tmp_path / "damaged"
+    overrides = ["train.max_steps=6", "train.save_every=2", "train.log_every=2", "train.keep_checkpoints=3"]
+    run(str(recipes["tiny"]), [f"output_dir={out}", *overrides])
+    newest = checkpoints(out / "checkpoints")[-1]
+    with (newest / "model.safetensors").open("r+b") as stream:
+        stream.truncate(1000)
+    shutil.rmtree(out / "final")
+    with caplog.at_level("WARNING"):
+        summary = run(str(recipes["tiny"]), [f"output_dir={out}", *overrides, "train.resume=auto"])
+    assert "step-00000006 is damaged (model.safetensors has 1000 bytes" in caplog.text
+    assert summary["step"] == 6 and (out / "final" / "config.json").is_file()
+    newest = checkpoints(out / "checkpoints")[-1]
+    with (newest / "model.safetensors").open("r+b") as stream:
+        stream.truncate(1000)
+    with pytest.raises(InputError, match="is damaged: model.safetensors has 1000 bytes"):
+        Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", f"train.resume={newest}"]))

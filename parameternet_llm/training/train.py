@@ -37,6 +37,7 @@ from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
 logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_MANIFEST = "manifest.json"
 
 
 class DivergedError(InputError):
@@ -117,11 +118,40 @@ def resolve_resume(resume, output_dir: Path) -> Path | None:
             )
         return None
     if resume == "auto":
-        return found[-1] if found else None
+        for checkpoint in reversed(found):  # the newest intact one
+            problem = checkpoint_problem(checkpoint)
+            if problem is None:
+                return checkpoint
+            logger.warning(
+                f"checkpoint {checkpoint} is damaged ({problem}); trying the one before it", main_process_only=False
+            )
+        if found:
+            raise RecipeError(f"every checkpoint under {output_dir / 'checkpoints'} is damaged; none can be resumed")
+        return None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise RecipeError(f"train.resume={resume!r} is not a checkpoint directory (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise RecipeError(f"train.resume={resume!r} is damaged: {problem}")
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a checkpoint, against the sizes its manifest recorded when it was saved (None: intact)."""
+    manifest = path / CHECKPOINT_MANIFEST
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        sizes = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    except (OSError, json.JSONDecodeError) as error:
+        return f"unreadable trainer state or manifest: {error}"
+    for name, size in sizes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when saved"
+    return None
 
 
 def mixed_precision(choice: str) -> str:
@@ -151,7 +181,6 @@ class Trainer:
         self.output_dir = Path(recipe["output_dir"])
         train = recipe["train"]
         data = recipe["data"]
-        self.resume_from = resolve_resume(train["resume"], self.output_dir)
         self.accelerator = Accelerator(
             # Several processes on a machine without accelerators (torchrun, or `accelerate launch
             # --multi_gpu` there): accelerate forms a gloo group only when told it runs on CPUs.
@@ -162,6 +191,7 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         check_engine(self.accelerator)
+        self.resume_from = resolve_resume(train["resume"], self.output_dir)
         set_seed(train["seed"])
         accelerator = self.accelerator
         with accelerator.main_process_first():
@@ -239,6 +269,9 @@ class Trainer:
         if accelerator.is_main_process:
             (staging / "trainer_state.json").write_text(json.dumps({"step": self.step}))
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process:  # the sizes a resume checks the files against
+            sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
+            (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(sizes, indent=1))
         if accelerator.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
