@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -386,3 +387,22 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(small_world, t
         stream.truncate(1000)
     with pytest.raises(InputError, match="is damaged: model.safetensors has 1000 bytes"):
         Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", f"train.resume={newest}"]))
+
+
+def test_a_second_trainer_on_the_same_output_dir_is_refused(small_world, tmp_path, caplog):
+    _, recipes = small_world
+    out = tmp_path / "locked"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": other.pid, "host": socket.gethostname(), "started": "2026-12-05 00:00:00"}
+        (out / ".lock").write_text(json.dumps(lock))
+        with pytest.raises(InputError, match=f"is in use by process {other.pid}"):
+            Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", "train.max_steps=2"]))
+    finally:
+        other.kill()
+        other.wait()
+    with caplog.at_level("WARNING"):  # its process is gone: the lock is stale and taken over
+        run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=2"])
+    assert "left by a process that is gone" in caplog.text
+    assert not (out / ".lock").exists()  # released at the end

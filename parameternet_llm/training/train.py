@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -69,6 +70,54 @@ def initial_model(model_section: dict, config) -> torch.nn.Module:
         return upcycled_model(init_from, config, upcycle_options(model_section))
     model_class = ParameterNetLlamaForCausalLM if is_parameternet(config) else LlamaForCausalLM
     return model_class.from_pretrained(init_from, config=config, dtype=torch.float32)
+
+
+class OutputLock:
+    """`output_dir/.lock`, naming the process that trains there: a second trainer on the same directory stops
+    instead of interleaving checkpoints and metrics. A lock whose process is gone (on this host) is taken over."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / ".lock"
+        output_dir.mkdir(parents=True, exist_ok=True)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        while True:
+            try:
+                with self.path.open("x") as stream:
+                    json.dump(owner, stream)
+                return
+            except FileExistsError:
+                holder = self.holder()
+                if holder is not None and holder.get("pid") != os.getpid():  # this process's own: an earlier run
+                    if self.alive(holder):
+                        raise InputError(
+                            f"{output_dir} is in use by process {holder['pid']} on {holder['host']} (since "
+                            f"{holder['started']}); wait for it, or choose another output_dir. If that process is "
+                            f"gone, delete {self.path}"
+                        ) from None
+                    logger.warning(f"taking over {self.path}, left by a process that is gone: {holder}")
+                self.path.unlink(missing_ok=True)
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    @staticmethod
+    def alive(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot tell for another machine: assume it still trains
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if (self.holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
 
 
 def check_engine(accelerator: Accelerator) -> None:
@@ -191,7 +240,6 @@ class Trainer:
             project_dir=str(self.output_dir),
         )
         check_engine(self.accelerator)
-        self.resume_from = resolve_resume(train["resume"], self.output_dir)
         set_seed(train["seed"])
         accelerator = self.accelerator
         with accelerator.main_process_first():
@@ -245,6 +293,9 @@ class Trainer:
         )
         self.step = train["start_step"]
         self.resumed_window = None
+        # Taken once the input has been checked, so bad input leaves no output_dir behind.
+        self.lock = OutputLock(self.output_dir) if accelerator.is_main_process else None
+        self.resume_from = resolve_resume(train["resume"], self.output_dir)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         if train["trackers"]:
@@ -410,6 +461,8 @@ class Trainer:
             self.model, self.optimizer, self.scheduler
         )
         self.accelerator.end_training()
+        if self.lock is not None:
+            self.lock.release()
 
     def validation_loss(self) -> float:
         model = self.model
