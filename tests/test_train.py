@@ -406,3 +406,18 @@ def test_a_second_trainer_on_the_same_output_dir_is_refused(small_world, tmp_pat
         run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=2"])
     assert "left by a process that is gone" in caplog.text
     assert not (out / ".lock").exists()  # released at the end
+
+
+def test_a_finished_run_asked_again_or_for_fewer_steps_changes_nothing(small_world, tmp_path, capsys):
+    _, recipes = small_world
+    out = tmp_path / "finished"
+    run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=4", "train.save_every=2"])
+    before = {name: (out / name).read_text() for name in ("summary.json", "metrics.jsonl")}
+    assert json.loads(before["summary.json"])["final"]["step"] == 4
+    capsys.readouterr()
+    again = run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=4", "train.resume=auto"])
+    assert "already trained to train.max_steps=4: nothing to do" in capsys.readouterr().out
+    assert again == json.loads(before["summary.json"])
+    with pytest.raises(InputError, match="is at step 4, past train.max_steps=2: nothing to train"):
+        run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=2", "train.resume=auto"])
+    assert {name: (out / name).read_text() for name in before} == before

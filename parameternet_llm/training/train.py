@@ -32,7 +32,7 @@ from ..presets import is_parameternet
 from ..upcycling import read_checkpoint_config, upcycled_model
 from .balance import expert_counts, global_aux_loss
 from .data import build_pretraining_data, open_recipe_sources, training_documents
-from .metrics import keep_logged_steps_up_to
+from .metrics import keep_logged_steps_up_to, read_metrics
 from .recipe import RecipeError, load_recipe, model_config, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
@@ -298,6 +298,11 @@ class Trainer:
         self.resume_from = resolve_resume(train["resume"], self.output_dir)
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
+            if self.step > train["max_steps"]:
+                raise RecipeError(
+                    f"{self.resume_from} is at step {self.step}, past train.max_steps={train['max_steps']}: nothing "
+                    "to train. Raise train.max_steps to continue that run, or choose another output_dir"
+                )
         if train["trackers"]:
             accelerator.init_trackers("parameternet-llm", config=flatten("", recipe))
 
@@ -369,7 +374,16 @@ class Trainer:
             window.load_state_dict(self.resumed_window)
         starvation = StarvationWatch(train["starved_expert_steps"])
         self.model.train()
-        record = {}
+        finished = self.output_dir / "summary.json"
+        if self.step == train["max_steps"] and finished.is_file() and (self.output_dir / "final").is_dir():
+            accelerator.print(
+                f"{self.output_dir} is already trained to train.max_steps={self.step}: nothing to do (raise "
+                "train.max_steps to continue it, or choose another output_dir)"
+            )
+            self.close()
+            return json.loads(finished.read_text())
+        logged = read_metrics(metrics_path) if metrics_path.is_file() else []
+        record = logged[-1] if logged and logged[-1]["step"] == self.step else {}  # when nothing is left to train
         global_balance = routed and train["router_aux_loss_scope"] == "global"
         while self.step < train["max_steps"]:
             micro_batches = [next(batches).to(accelerator.device) for _ in range(train["gradient_accumulation_steps"])]
