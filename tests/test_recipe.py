@@ -98,3 +98,10 @@ def test_bad_recipes_name_the_key(overrides, message):
 def test_missing_recipe_file_is_named(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_a_recipe_that_is_not_utf8_is_named(tmp_path):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("output_dir: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="latin1.yaml' is not UTF-8 text"):
+        load_recipe(recipe)

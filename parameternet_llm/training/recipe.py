@@ -8,11 +8,13 @@ an error that names the key before anything runs.
 
 import copy
 import difflib
+import math
 from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import LoggerType
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig
 
@@ -92,6 +94,7 @@ HUB_KEYS = {"path", "name", "split", "revision", "data_files"}
 CORPUS_KEYS = {"path", "num_tokens", "seed", "world_scale"}
 TOKENIZER_TRAIN_KEYS = {"vocab_size", "max_documents"}
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+TRACKERS = sorted(tracker.value for tracker in LoggerType)
 
 
 class RecipeError(InputError):
@@ -119,6 +122,14 @@ def _merge(defaults: dict, given: dict, prefix: str = "") -> dict:
     return merged
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_type(dotted: str, default, value):
     if default is None or value is None and dotted in NULLABLE:
         return value
@@ -127,6 +138,8 @@ def _check_type(dotted: str, default, value):
         return float(value)
     if not isinstance(value, expected) or isinstance(value, bool) and expected is not bool:
         hint = " (YAML reads unquoted no/yes/off/on as booleans: quote the word)" if expected is str else ""
+        if expected is float and isinstance(value, str) and _is_number(value):
+            hint = f" (YAML reads {value} as text: write it with a dot, like {float(value):.1e})"
         raise RecipeError(f"recipe key {dotted!r} must be {expected.__name__}, got {value!r}{hint}")
     return value
 
@@ -165,7 +178,9 @@ def read_recipe_file(path: str | Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise RecipeError(f"recipe file {str(path)!r} is its own base")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text ({error})") from error
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
@@ -197,6 +212,9 @@ def validate_recipe(raw: dict) -> dict:
         raise RecipeError("recipe key 'model' must be a mapping of config fields")
     for index, source in enumerate(recipe["data"]["sources"]):
         _check_source(index, source)
+    names = [source["name"] for source in recipe["data"]["sources"]]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"recipe key 'data.sources' names a source twice: {names}")
     if not recipe["data"]["sources"]:
         raise RecipeError("recipe key 'data.sources' lists no data source")
     corpus = recipe["data"]["corpus"]
@@ -218,6 +236,25 @@ def validate_recipe(raw: dict) -> dict:
     ):
         if train[key] < 1:
             raise RecipeError(f"recipe key 'train.{key}' must be >= 1, got {train[key]}")
+    ranges = [
+        ("train.lr", train["lr"] > 0, "> 0"),
+        ("train.grad_clip", train["grad_clip"] > 0, "> 0"),
+        ("train.weight_decay", train["weight_decay"] >= 0, ">= 0"),
+        ("train.warmup_steps", train["warmup_steps"] >= 0, ">= 0"),
+        ("train.min_lr_ratio", 0 <= train["min_lr_ratio"] <= 1, "in [0, 1]"),
+        ("train.adam_beta1", 0 <= train["adam_beta1"] < 1, "in [0, 1)"),
+        ("train.adam_beta2", 0 <= train["adam_beta2"] < 1, "in [0, 1)"),
+        ("train.adam_eps", train["adam_eps"] > 0, "> 0"),
+        ("eval.every", recipe["eval"]["every"] >= 1, ">= 1"),
+        ("eval.batches", recipe["eval"]["batches"] >= 0, ">= 0"),
+    ]
+    for key, holds, expected in ranges:
+        section, name = key.split(".")
+        if not holds or not math.isfinite(recipe[section][name]):
+            raise RecipeError(f"recipe key {key!r} must be {expected}, got {recipe[section][name]!r}")
+    unknown = [name for name in train["trackers"] if name not in TRACKERS]
+    if unknown:
+        raise RecipeError(f"recipe key 'train.trackers' names unknown trackers {unknown}: choose from {TRACKERS}")
     if train["router_aux_loss_scope"] not in ("micro", "global"):
         raise RecipeError(
             f"recipe key 'train.router_aux_loss_scope' must be micro or global, got {train['router_aux_loss_scope']!r}"
@@ -256,7 +293,8 @@ def _check_source(index: int, source):
     _check_keys(where, source, SOURCE_KEYS, required={"name", "weight"})
     if ("files" in source) == ("hub" in source):
         raise RecipeError(f"{where} ({source['name']!r}) must give exactly one of 'files' or 'hub'")
-    if not isinstance(source["weight"], (int, float)) or source["weight"] <= 0:
+    weight = source["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise RecipeError(f"{where}.weight ({source['name']!r}) must be a number > 0, got {source['weight']!r}")
     if "hub" in source:
         _check_keys(f"{where}.hub", source["hub"], HUB_KEYS, required={"path"})
@@ -275,6 +313,9 @@ def model_config(model_section: dict, seq_len: int, defaults: dict | None = None
         if key not in known:
             hint = " (routing fields need dense: false)" if key in ROUTING_FIELDS else _suggest(key, known)
             raise RecipeError(f"unknown recipe key 'model.{key}'{hint}")
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+        if key in fields and (isinstance(fields[key], bool) or not isinstance(fields[key], int) or fields[key] < 1):
+            raise RecipeError(f"recipe key 'model.{key}' must be an int >= 1, got {fields[key]!r}")
     if init_from is not None:
         config = init_from_config(str(init_from), dense, fields, upcycling)
     elif upcycling is not None:

@@ -204,6 +204,8 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def mixed_precision(choice: str) -> str:
+    if choice == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.mixed_precision=fp16 needs a GPU (accelerate would run fp32 here): use bf16 or no")
     if choice != "auto":
         return choice
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
