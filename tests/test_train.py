@@ -440,3 +440,12 @@ def test_a_finished_run_asked_again_or_for_fewer_steps_changes_nothing(small_wor
     with pytest.raises(InputError, match="is at step 4, past train.max_steps=2: nothing to train"):
         run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=2", "train.resume=auto"])
     assert {name: (out / name).read_text() for name in before} == before
+
+
+def test_pretrain_command_ends_saying_where_the_model_is(small_world, tmp_path, capsys):
+    from parameternet_llm.cli import main
+
+    _, recipes = small_world
+    main(["pretrain", str(recipes["tiny"]), f"output_dir={tmp_path / 'cli'}", "train.max_steps=2"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("trained to step 2 (lm_loss ") and f"the model is in {tmp_path / 'cli' / 'final'}" in last
