@@ -257,3 +257,15 @@ eval: {{every: 120, batches: 2}}
     rows = evaluate([str(trained), str(untrained)], OFFLINE, tmp_path / "scores", offline_tasks_dir=tasks_dir)
     gains = {task: rows[0]["scores"][task]["value"] - rows[1]["scores"][task]["value"] for task in OFFLINE}
     assert max(gains.values()) >= 0.1, gains
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_scored(checkpoint, tmp_path):
+    diverged = tmp_path / "diverged"
+    shutil.copytree(checkpoint, diverged)
+    model = ParameterNetLlamaForCausalLM.from_pretrained(diverged)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0, 0] = float("nan")
+    model.save_pretrained(diverged)
+    with pytest.raises(EvalError, match="has non-finite weights .*up_proj.weight"):
+        evaluate([str(diverged)], ["pnet_boolq"], tmp_path / "scores")
+    assert not (tmp_path / "scores").exists()

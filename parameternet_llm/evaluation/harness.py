@@ -57,6 +57,20 @@ def check_tasks(manager, tasks: list[str]) -> None:
             ) from error
 
 
+def check_finite_weights(checkpoint: Path) -> None:
+    """Refuse a checkpoint with NaN or infinite weights (a diverged run): its scores would mean nothing."""
+    from safetensors import safe_open
+
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as opened:
+            for name in opened.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if not torch.isfinite(opened.get_tensor(name)).all():
+                    raise EvalError(
+                        f"checkpoint {str(checkpoint)!r} has non-finite weights ({name} in {file.name}): the run that "
+                        "wrote it diverged; score an earlier checkpoint"
+                    )
+
+
 def run_summary(checkpoint: Path) -> dict:
     """Final train and validation loss from the metrics.jsonl of the run that wrote `checkpoint`."""
     metrics_path = checkpoint.parent / "metrics.jsonl"
@@ -158,6 +172,7 @@ def evaluate(
     for path in paths:
         if not (path / "config.json").is_file():
             raise EvalError(f"checkpoint {str(path)!r} has no config.json: not a saved model directory")
+        check_finite_weights(path)
     manager = task_manager(include_path, offline_tasks_dir)
     check_tasks(manager, tasks)
     rows = [evaluate_checkpoint(path, tasks, manager, batch_size, limit, seq_len) for path in paths]
