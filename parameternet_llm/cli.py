@@ -138,6 +138,12 @@ def router_init_std(text: str) -> float | None:
     raise argparse.ArgumentTypeError(f"{text!r} is not normal or normal:STD with STD > 0")
 
 
+def inspect_command(args: argparse.Namespace) -> None:
+    from .inspection import inspect_checkpoint
+
+    print(inspect_checkpoint(args.checkpoint, args.text, args.seq_len, args.max_tokens))
+
+
 def upcycle_command(args: argparse.Namespace) -> None:
     from .training.recipe import parse_override
     from .upcycling import UpcycleOptions, upcycle
@@ -294,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens")
     command.add_argument("--new-tokens", type=int, default=128, help="decode: generated tokens")
     command.set_defaults(handler=bench_command)
+
+    command = commands.add_parser(
+        "inspect", help="a checkpoint's parameters and routing, and its expert loads on a text file"
+    )
+    command.add_argument("checkpoint", help="HF checkpoint directory")
+    command.add_argument("--text", help="a text file: report each routed linear's expert loads and drops on it")
+    command.add_argument("--seq-len", type=int, default=256, help="tokens per block of the text")
+    command.add_argument("--max-tokens", type=int, default=32768, help="read at most this many tokens of the text")
+    command.set_defaults(handler=inspect_command)
 
     command = commands.add_parser(
         "upcycle", help="turn a dense LLaMA checkpoint into a ParameterNet whose experts start as its projections"

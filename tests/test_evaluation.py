@@ -269,3 +269,18 @@ def test_a_checkpoint_with_non_finite_weights_is_not_scored(checkpoint, tmp_path
     with pytest.raises(EvalError, match="has non-finite weights .*up_proj.weight"):
         evaluate([str(diverged)], ["pnet_boolq"], tmp_path / "scores")
     assert not (tmp_path / "scores").exists()
+
+
+def test_inspect_reports_parameters_and_expert_loads_on_a_text(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"The river {i} flows past the town of Kora." for i in range(300)))
+    main(["inspect", str(checkpoint), "--text", str(text), "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert "routing: 4 experts on up_proj, down_proj in every layer" in out and "active per token" in out
+    rows = [line for line in out.splitlines() if line.startswith("| model.layers.")]
+    assert len(rows) == 4  # 2 layers x 2 routed projections
+    for row in rows:
+        shares = [float(x) for x in row.split("|")[2].split()]
+        assert len(shares) == 4 and sum(shares) == pytest.approx(100, abs=0.5)
+    with pytest.raises(SystemExit, match="is not a file"):
+        main(["inspect", str(checkpoint), "--text", str(tmp_path / "missing.txt")])
