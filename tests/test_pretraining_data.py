@@ -171,3 +171,15 @@ def test_eos_is_required():
 
     with pytest.raises(DataError, match="EOS"):
         tokenize_documents(None, NoEos())
+
+
+@pytest.mark.parametrize("bad", ['{"text": null}', '{"title": "no text here"}', '{"text": 42}'])
+def test_a_document_without_text_deep_in_a_source_is_named(tmp_path, bad):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(300)]
+    lines.insert(250, bad)
+    path.write_text("\n".join(lines) + "\n")
+    stream = iter(open_source(Source("web", 1.0, files=[str(path)])))
+    assert [next(stream)["text"] for _ in range(250)][-1] == "document 249"
+    with pytest.raises(DataError, match=r"data source 'web' \(files .*d.jsonl.*\): document 250 .* has no text"):
+        next(stream)

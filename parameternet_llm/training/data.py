@@ -99,9 +99,18 @@ def open_source(source: Source) -> IterableDataset:
         ) from error
     if source.text_field not in first:
         raise DataError(f"data source {source.name!r} has no field {source.text_field!r}; fields: {sorted(first)}")
-    if source.text_field != "text":
-        dataset = dataset.map(lambda example: {"text": example[source.text_field]})
-    return dataset.select_columns(["text"])
+    field = source.text_field
+
+    def text_of(example: dict, index: int) -> dict:
+        text = example.get(field)
+        if not isinstance(text, str):
+            raise DataError(
+                f"data source {source.name!r} ({where}): document {index} (0-based, in file order) has no text in "
+                f"field {field!r} (got {text!r}); fix or remove it"
+            )
+        return {"text": text}
+
+    return dataset.map(text_of, with_indices=True).select_columns(["text"])
 
 
 def split_validation(dataset: IterableDataset, documents: int) -> tuple[IterableDataset, IterableDataset]:
