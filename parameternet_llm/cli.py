@@ -27,8 +27,14 @@ def load_config(target: str, overrides: list[str]) -> LlamaConfig:
     if not path.exists():
         raise SystemExit(f"error: {target!r} is neither a model shape ({', '.join(MODEL_SHAPES)}) nor an existing path")
     if path.suffix in (".yaml", ".yml"):
+        from .training.tokenizer import has_tokenizer, load_tokenizer
+
         recipe = load_recipe(path, overrides)
+        tokenizer = recipe["tokenizer"]["path"]
+        # The trained tokenizer's real size (a small corpus may yield fewer pieces than asked for), else the request.
         vocab = (recipe["tokenizer"]["train"] or {}).get("vocab_size")
+        if tokenizer is not None and has_tokenizer(tokenizer):
+            vocab = len(load_tokenizer(tokenizer))
         return model_config(recipe["model"], recipe["data"]["seq_len"], {"vocab_size": vocab} if vocab else None)
     config_dict = apply_overrides(json.loads((path / "config.json" if path.is_dir() else path).read_text()), overrides)
     if config_dict.get("model_type") == ParameterNetLlamaConfig.model_type:

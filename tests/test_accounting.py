@@ -92,3 +92,23 @@ def test_info_rejects_bad_input_with_a_clear_message(argv, message):
     with pytest.raises(SystemExit) as error:
         main(argv)
     assert message in str(error.value)
+
+
+def test_info_on_a_recipe_counts_the_trained_tokenizers_real_size(tmp_path, capsys):
+    from parameternet_llm.training.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer([f"a small corpus {i}" for i in range(50)], tmp_path / "tok", vocab_size=4096)
+    assert len(tokenizer) < 4096  # the corpus supports fewer pieces than asked for
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {REPO / 'recipes' / 'tiny-dense.yaml'}\ntokenizer: {{path: {tmp_path / 'tok'}}}\n")
+    main(["info", str(recipe), "--seq-len", "256"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=344,
+        num_attention_heads=4,
+        num_hidden_layers=4,
+        tie_word_embeddings=False,
+    )
+    assert row.split("|")[2].strip() == f"{count_parameters(config)['total'] / 1e6:.2f}M"
