@@ -56,7 +56,14 @@ def prepare_tokenizer(recipe: dict, opened) -> object:
         options = section["train"]
         documents = training_documents(opened, recipe["data"]["seed"], recipe["data"]["validation_documents"])
         texts = (document["text"] for document in documents.take(options.get("max_documents", 20000)))
-        return train_tokenizer(texts, path, options.get("vocab_size", 8000))
+        asked = options.get("vocab_size", 8000)
+        tokenizer = train_tokenizer(texts, path, asked)
+        if len(tokenizer) < asked:
+            print(
+                f"trained a {len(tokenizer)}-piece tokenizer in {path}: its documents support no more than that of "
+                f"the {asked} asked for (tokenizer.train.vocab_size)"
+            )
+        return tokenizer
     return load_tokenizer(path)
 
 
