@@ -110,7 +110,7 @@ def test_eval_command_writes_results_and_table7_layout(checkpoint, tmp_path, cap
     assert set(row["scores"]) == set(OFFLINE) and row["scores"]["pnet_hellaswag"]["metric"] == "acc_norm"
     assert row["average"] == pytest.approx(sum(s["value"] for s in row["scores"].values()) / 3)
     table = (tmp_path / "out" / "table.md").read_text().splitlines()
-    assert table[0].startswith("| model | params | active params | GFLOPs/token | train loss | val loss |")
+    assert table[0].startswith("| model | params | active params | GFLOPs/token (seq 256) | train loss | val loss |")
     assert len(table) == 4 and table[2].startswith("| run |") and "| 3.500 | 3.750 |" in table[2]
     assert "table.md" in capsys.readouterr().out
 

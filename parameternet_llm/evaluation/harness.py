@@ -117,6 +117,7 @@ def evaluate_checkpoint(
         "params": params["total"],
         "active_params": params["active"],
         "flops_per_token": flops_per_token(config, seq_len or config.max_position_embeddings),
+        "flops_seq_len": seq_len or config.max_position_embeddings,
         **run_summary(checkpoint),
         "scores": scores,
         "average": sum(score["value"] for score in scores.values()) / len(scores),
@@ -130,11 +131,13 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
     def number(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
+    lengths = {row.get("flops_seq_len") for row in rows}  # the context the attention FLOPs assume
     header = [
         "model",
         "params",
         "active params",
-        "GFLOPs/token",
+        "GFLOPs/token"
+        + (f" (seq {lengths.pop()})" if len(lengths := {row.get("flops_seq_len") for row in rows}) == 1 else ""),
         "train loss",
         "val loss",
         *[f"{task} ({rows[0]['scores'][task]['metric']})" for task in tasks],
