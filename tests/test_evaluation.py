@@ -284,3 +284,9 @@ def test_inspect_reports_parameters_and_expert_loads_on_a_text(checkpoint, tmp_p
         assert len(shares) == 4 and sum(shares) == pytest.approx(100, abs=0.5)
     with pytest.raises(SystemExit, match="is not a file"):
         main(["inspect", str(checkpoint), "--text", str(tmp_path / "missing.txt")])
+
+
+def test_scoring_offline_tasks_does_not_repeat_lm_evals_custom_kwargs_notice(checkpoint, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        evaluate([str(checkpoint)], ["pnet_boolq"], tmp_path, limit=4)
+    assert "Custom kwargs can be passed" not in caplog.text

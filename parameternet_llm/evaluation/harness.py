@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -26,11 +27,23 @@ def reported_metric(task: str, metrics: dict) -> tuple[str, float]:
     return name, metrics[f"{name},none"]
 
 
+class OfflineTaskNotice(logging.Filter):
+    """Drops lm-eval's notice, logged for every task that loads its data with a function (as the offline tasks
+    do), that such tasks take custom kwargs: it is repeated per task and per checkpoint and asks nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
 @functools.lru_cache(maxsize=4)
 def task_manager(include_path: str | Path | None, offline_tasks_dir: str | Path = OFFLINE_TASKS_DIR):
     """lm-eval's task index (slow to build: it reads every task YAML), once per include path and offline tasks
     folder."""
     from lm_eval.tasks import TaskManager
+
+    task_logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, OfflineTaskNotice) for f in task_logger.filters):
+        task_logger.addFilter(OfflineTaskNotice())
 
     paths = [str(p) for p in (include_path, offline_tasks_dir) if p is not None and Path(p).is_dir()]
     if include_path is not None and not Path(include_path).is_dir():
