@@ -385,6 +385,9 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
 class ParameterNetLlamaModel(ParameterNetLlamaPreTrainedModel, LlamaModel):
     """LLaMA decoder stack with routed FFN projections; returns the routing as well."""
 
+    # A causal-LM checkpoint loaded as the base model brings its head along: expected, not worth a report.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: ParameterNetLlamaConfig):
         LlamaPreTrainedModel.__init__(self, config)
         self.padding_idx = config.pad_token_id

@@ -216,3 +216,9 @@ def test_missing_router_or_expert_tensor_fails_loading(checkpoint):
 def test_output_loading_info_is_still_returned_on_request(checkpoint):
     model, info = ParameterNetLlamaForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
     assert isinstance(model, ParameterNetLlamaForCausalLM) and not info["missing_keys"]
+
+
+def test_the_base_model_loads_from_a_causal_lm_checkpoint_without_a_report(checkpoint):
+    model, info = ParameterNetLlamaModel.from_pretrained(checkpoint, output_loading_info=True)
+    assert info["unexpected_keys"] == set() and info["missing_keys"] == set()
+    assert isinstance(model, ParameterNetLlamaModel)
