@@ -399,7 +399,6 @@ def test_accelerate_launch_trains_and_resumes_from_an_upcycled_checkpoint(traine
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.hidden_size=48"], "'model.hidden_size' differs from"),
         (["model.num_experts=1"], "num_experts=1: upcycling needs at least 2"),
         (["model.upcycling={drop_fraction: 1.5}"], "drop_fraction=1.5 must be in [0, 1)"),
         (["model.upcycling={dropout: 0.1}"], "unknown recipe key 'model.upcycling.dropout'"),
@@ -413,15 +412,24 @@ def test_bad_init_from_recipes_fail_before_training(trained_dense, tmp_path, ove
     assert message in str(error.value)
 
 
-def test_a_parameternet_checkpoint_keeps_its_expert_banks(trained_dense, tmp_path):
+def test_a_parameternet_checkpoint_keeps_its_expert_banks(trained_dense, tmp_path, caplog):
     recipe, dense_run = trained_dense
     upcycle(dense_run / "final", tmp_path / "upcycled", num_experts=4)
     base = init_from(tmp_path / "upcycled")
-    with pytest.raises(InputError, match="'model.num_experts'=8 differs from"):
-        load_recipe(recipe, [*base, "model.num_experts=8"])
-    with pytest.raises(InputError, match="applies to a dense checkpoint"):
-        load_recipe(recipe, [*base, "model.upcycling={seed: 1}"])
+    with caplog.at_level("WARNING"):
+        loaded = load_recipe(recipe, [*base, "model.num_experts=8", "model.upcycling={seed: 1}"])
+    assert "ignoring model keys num_experts=8 (checkpoint: 4), upcycling (the checkpoint is upcycled" in caplog.text
+    assert model_config(loaded["model"], 64).num_experts == 4
     with pytest.raises(InputError, match="remove model.dense"):
         load_recipe(recipe, [*base, "model.dense=true"])
     config = model_config(load_recipe(recipe, [*base, "model.capacity_factor=1.25"])["model"], 64)
     assert (config.num_experts, config.capacity_factor, config.expert_scale) == (4, 1.25, "straight_through")
+
+
+def test_shape_keys_of_a_recipe_give_way_to_the_checkpoint_with_a_warning(trained_dense, caplog):
+    recipe, dense_run = trained_dense
+    with caplog.at_level("WARNING"):
+        loaded = load_recipe(recipe, [*init_from(dense_run / "final"), "model.hidden_size=48"])
+    config = model_config(loaded["model"], loaded["data"]["seq_len"])
+    assert config.hidden_size == 64 and config.num_experts == 4
+    assert "ignoring model keys hidden_size=48 (checkpoint: 64)" in caplog.text

@@ -8,6 +8,7 @@ an error that names the key before anything runs.
 
 import copy
 import difflib
+import logging
 import math
 from dataclasses import fields as fields_of
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..errors import InputError
 from ..presets import ROUTING_FIELDS, is_parameternet
 from ..upcycling import UpcycleOptions, read_checkpoint_config, upcycled_config
 
+logger = logging.getLogger(__name__)
 # Routing fields that fix the shapes of the expert banks.
 STRUCTURE_FIELDS = ("num_experts", "moe_projections", "moe_layers")
 
@@ -337,18 +339,30 @@ def model_config(model_section: dict, seq_len: int, defaults: dict | None = None
 def init_from_config(init_from: str, dense: bool, fields: dict, upcycling: dict | None) -> LlamaConfig:
     """The config of training that starts from checkpoint `init_from`: a dense LLaMA continued as it is
     (`dense: true`) or upcycled with the section's routing fields, or a ParameterNet continued with its own
-    expert banks (other routing fields, such as capacity_factor, may change)."""
+    expert banks (other routing fields, such as capacity_factor, may change). The checkpoint's shape (and a
+    ParameterNet's banks) win over the section's keys, with a warning where they differ."""
     where = f"model.init_from={init_from!r}"
     try:
         base = read_checkpoint_config(init_from)
     except InputError as error:
         raise RecipeError(f"{where}: {error}") from error
-    for key in sorted(set(fields) - ROUTING_FIELDS):  # the shape is the checkpoint's; a recipe may restate it
-        if fields.pop(key) != getattr(base, key, None):
-            raise RecipeError(
-                f"recipe key 'model.{key}' differs from {init_from}'s {key}={getattr(base, key, None)!r}: "
-                "the shape comes from model.init_from"
-            )
+    # The shape is the checkpoint's, and a ParameterNet checkpoint's expert banks are too. A recipe may restate them,
+    # or inherit others from its base recipe (recipes/tiny-upcycled.yaml serves a dense and an upcycled checkpoint
+    # alike): what differs is ignored, and said.
+    fixed = set(fields) - ROUTING_FIELDS
+    if is_parameternet(base) and not dense:
+        fixed |= set(fields) & set(STRUCTURE_FIELDS)
+    ignored = [
+        f"{key}={fields[key]!r} (checkpoint: {getattr(base, key, None)!r})"
+        for key in sorted(fixed)
+        if normalized(key, fields[key]) != getattr(base, key, None)
+    ]
+    for key in fixed:
+        del fields[key]
+    if is_parameternet(base) and not dense and upcycling is not None:
+        ignored.append("upcycling (the checkpoint is upcycled already)")
+    if ignored:
+        logger.warning(f"{where}: the checkpoint fixes these; ignoring model keys {', '.join(ignored)}")
     if dense or not is_parameternet(base):
         if dense and is_parameternet(base):
             raise RecipeError(f"{where} is a ParameterNet checkpoint: remove model.dense to continue training it")
@@ -359,22 +373,17 @@ def init_from_config(init_from: str, dense: bool, fields: dict, upcycling: dict 
             return upcycled_config(base, **fields)
         except InputError as error:
             raise RecipeError(f"upcycling {where}: {error}") from error
-    if upcycling is not None:
-        raise RecipeError(f"recipe key 'model.upcycling' applies to a dense checkpoint; {where} is a ParameterNet")
-    for key in STRUCTURE_FIELDS:
-        given = fields.get(key, getattr(base, key))
-        given = [given] if key == "moe_projections" and isinstance(given, str) else given
-        if given != getattr(base, key):
-            raise RecipeError(
-                f"recipe key 'model.{key}'={given!r} differs from {init_from}'s {getattr(base, key)!r}: the expert "
-                "banks come from the checkpoint"
-            )
     try:
         config = ParameterNetLlamaConfig(**{**base.to_dict(), **fields})
         config.validate_routing()
     except (ValueError, TypeError, StrictDataclassError) as error:
         raise RecipeError(f"model section: {error}") from error
     return config
+
+
+def normalized(key: str, value):
+    """A model key's value as the config stores it (a single projection name becomes a list)."""
+    return [value] if key == "moe_projections" and isinstance(value, str) else value
 
 
 def upcycle_options(model_section: dict) -> UpcycleOptions:
