@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 from parameternet_llm.training.data import (
     DataError,
@@ -183,3 +184,27 @@ def test_a_document_without_text_deep_in_a_source_is_named(tmp_path, bad):
     assert [next(stream)["text"] for _ in range(250)][-1] == "document 249"
     with pytest.raises(DataError, match=r"data source 'web' \(files .*d.jsonl.*\): document 250 .* has no text"):
         next(stream)
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    """Where reading fails, at the start or mid-run (here, a reader error from the stream), the line is named."""
+    from parameternet_llm.training.train import next_batch
+
+    lines = [json.dumps({"text": f"document number {i} of the web source"}) for i in range(400)]
+    lines.insert(350, '{"text": "cut short')
+    path = tmp_path / "web" / "0.jsonl"
+    path.parent.mkdir()
+    path.write_text("\n".join(lines) + "\n")
+    specs = [{"name": "web", "weight": 1.0, "files": str(tmp_path / "web" / "*.jsonl")}]
+    named = rf"data source 'web': {path} line 351 is not a JSON record"
+    with pytest.raises(DataError, match=named):
+        open_sources(specs)
+
+    def reader_failing_mid_run():
+        yield torch.zeros(4, dtype=torch.long)
+        raise ValueError("JSON parse error: Missing a closing quotation mark in string. in row 350")
+
+    batches = reader_failing_mid_run()
+    assert next_batch(batches, specs).shape == (4,)
+    with pytest.raises(DataError, match=named):
+        next_batch(batches, specs)

@@ -10,6 +10,7 @@ an uninterrupted run would have read.
 
 import glob
 import itertools
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,8 @@ def open_source(source: Source) -> IterableDataset:
             if source.hub is not None
             else ""
         )
+        if malformed_line(source) is not None:
+            raise unreadable_data([source], error) from error
         message = str(error).splitlines()[0] if str(error) else ""
         raise DataError(
             f"data source {source.name!r}: cannot open {where} ({error.__class__.__name__}: {message}).{hint}"
@@ -111,6 +114,34 @@ def open_source(source: Source) -> IterableDataset:
         return {"text": text}
 
     return dataset.map(text_of, with_indices=True).select_columns(["text"])
+
+
+def malformed_line(source: Source) -> str | None:
+    """The first line of the source's local JSON Lines files that is not JSON, as 'FILE line N (...)'; read only
+    once reading the source has failed."""
+    if source.files is None:
+        return None
+    _, paths = _resolve_files(source)
+    for path in (path for path in paths if path.endswith(".jsonl")):
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for number, line in enumerate(stream, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"{path} line {number} is not a JSON record ({bad})"
+    return None
+
+
+def unreadable_data(sources: list[Source], error: Exception) -> DataError:
+    """The error a failure to read the training data becomes: the malformed line that caused it, named by source,
+    file and line, where one is found; else the failure itself."""
+    for source in sources:
+        culprit = malformed_line(source)
+        if culprit is not None:
+            return DataError(f"data source {source.name!r}: {culprit}; fix or remove that line, then resume")
+    message = str(error).splitlines()[0] if str(error) else ""
+    return DataError(f"reading the training data failed ({error.__class__.__name__}: {message})")
 
 
 def split_validation(dataset: IterableDataset, documents: int) -> tuple[IterableDataset, IterableDataset]:

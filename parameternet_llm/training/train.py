@@ -31,7 +31,7 @@ from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 from ..presets import is_parameternet
 from ..upcycling import read_checkpoint_config, upcycled_model
 from .balance import expert_counts, global_aux_loss
-from .data import build_pretraining_data, open_recipe_sources, training_documents
+from .data import Source, build_pretraining_data, open_recipe_sources, training_documents, unreadable_data
 from .metrics import keep_logged_steps_up_to, read_metrics
 from .recipe import RecipeError, load_recipe, model_config, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
@@ -395,7 +395,10 @@ class Trainer:
         record = logged[-1] if logged and logged[-1]["step"] == self.step else {}  # when nothing is left to train
         global_balance = routed and train["router_aux_loss_scope"] == "global"
         while self.step < train["max_steps"]:
-            micro_batches = [next(batches).to(accelerator.device) for _ in range(train["gradient_accumulation_steps"])]
+            micro_batches = [
+                next_batch(batches, recipe["data"]["sources"]).to(accelerator.device)
+                for _ in range(train["gradient_accumulation_steps"])
+            ]
             if global_balance:
                 shares, total_tokens = self.global_expert_shares(micro_batches)
             for batch in micro_batches:
@@ -629,6 +632,16 @@ class StarvationWatch:
                         "router_aux_loss_coef, router_jitter_noise, or a lower learning rate"
                     )
         return warnings
+
+
+def next_batch(batches, source_specs: list[dict]) -> torch.Tensor:
+    """The next training batch; a failure to read the data names its culprit where it can."""
+    try:
+        return next(batches)
+    except InputError:
+        raise
+    except Exception as error:  # a reader's error (pyarrow, json) deep in datasets' streaming
+        raise unreadable_data([Source.from_recipe(spec) for spec in source_specs], error) from error
 
 
 def tracker_values(record: dict) -> dict[str, float]:
