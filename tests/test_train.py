@@ -78,7 +78,7 @@ def test_tiny_recipe_logs_checkpoints_and_saves_a_loadable_model(small_world, tm
         sys.modules["parameternet_llm"] = None
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained({str(out / "final")!r}, trust_remote_code=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained({str(out / "final")!r})
+        tokenizer = AutoTokenizer.from_pretrained({str(out / "final")!r}, trust_remote_code=True)
         ids = tokenizer("The capital of", return_tensors="pt").input_ids
         generated = model.generate(ids, max_new_tokens=3, do_sample=False)
         print(type(model).__name__, model.config.num_experts, generated.shape[1] > ids.shape[1])
