@@ -290,3 +290,16 @@ def test_scoring_offline_tasks_does_not_repeat_lm_evals_custom_kwargs_notice(che
     with caplog.at_level("WARNING"):
         evaluate([str(checkpoint)], ["pnet_boolq"], tmp_path, limit=4)
     assert "Custom kwargs can be passed" not in caplog.text
+
+
+def test_an_unreachable_hub_switches_hub_tasks_to_the_cache_at_once(checkpoint, tmp_path, monkeypatch):
+    from parameternet_llm.evaluation import harness
+
+    switched = []
+    monkeypatch.setattr(harness, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(harness, "use_cache_only", lambda: switched.append(True))
+    evaluate([str(checkpoint)], ["pnet_boolq"], tmp_path / "offline", limit=2)
+    assert switched == []  # the offline tasks need no hub
+    with pytest.raises(EvalError, match="task 'arc_easy' could not load its data"):
+        evaluate([str(checkpoint)], ["arc_easy"], tmp_path / "hub")
+    assert switched == [True]

@@ -3,6 +3,7 @@
 import functools
 import json
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -10,9 +11,11 @@ import torch
 from ..accounting import count_parameters, flops_per_token
 from ..errors import InputError
 from ..training.metrics import read_metrics
+from .offline_tasks import TASK_NAMES
 
 # The paper's zero-shot tasks (Table 7) by their lm-eval names; SST-2 is fine-tuned instead.
 PAPER_TASKS = ("arc_easy", "boolq", "hellaswag")
+HUB_ADDRESS = ("huggingface.co", 443)
 # The offline tasks about the embedded corpus's world: lm-eval task folders shipped with the package.
 OFFLINE_TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -51,6 +54,24 @@ def task_manager(include_path: str | Path | None, offline_tasks_dir: str | Path 
     return TaskManager(include_path=paths or None)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection(HUB_ADDRESS, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def use_cache_only() -> None:
+    """Switch the hub clients to offline mode for this process, so data is read from the cache without the
+    retries (half a minute) they spend on an unreachable hub."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+
+
 def check_tasks(manager, tasks: list[str]) -> None:
     """Every task must be known and its data loadable, before any model is loaded."""
     for task in tasks:
@@ -59,6 +80,9 @@ def check_tasks(manager, tasks: list[str]) -> None:
                 f"unknown task {task!r}: not an lm-eval task nor one under --include-path "
                 f"(offline tasks: pnet_arc, pnet_boolq, pnet_hellaswag)"
             )
+    if any(task not in TASK_NAMES for task in tasks) and not hub_reachable():
+        use_cache_only()
+    for task in tasks:
         try:
             manager.load([task])
         except Exception as error:
