@@ -35,7 +35,7 @@ def routing_on_text(checkpoint: Path, text_file: Path, seq_len: int, max_tokens:
     from transformers import AutoModelForCausalLM
 
     from .training.tokenizer import load_tokenizer
-    from .training.train import lm_loss_of
+    from .training.train import mean_lm_loss
 
     if not text_file.is_file():
         raise InputError(f"--text {str(text_file)!r} is not a file")
@@ -47,8 +47,7 @@ def routing_on_text(checkpoint: Path, text_file: Path, seq_len: int, max_tokens:
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     batches = blocks.split(batch_size)
     with torch.no_grad():
-        model.eval()
-        loss = sum(lm_loss_of(model(batch, labels=batch)).item() for batch in batches) / len(batches)
+        loss = mean_lm_loss(model, blocks, batch_size)
         lines = [f"text: {blocks.numel():,} tokens of {text_file} in {len(blocks)} blocks; loss {loss:.4f}"]
         if not is_parameternet(model):
             return lines

@@ -42,7 +42,7 @@ LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "val_loss", "
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics_file(output_dir / "metrics.jsonl")
 
 
 def command(recipe, *overrides):

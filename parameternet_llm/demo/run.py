@@ -22,7 +22,7 @@ from ..presets import TABLE7_ROUTING, is_parameternet
 from ..training.data import build_pretraining_data, open_sources
 from ..training.recipe import model_config, upcycle_options, validate_recipe
 from ..training.tokenizer import load_tokenizer
-from ..training.train import CHECKPOINT_PREFIX, Trainer, lm_loss_of
+from ..training.train import CHECKPOINT_PREFIX, Trainer, mean_lm_loss
 from ..upcycling import expert_divergence, upcycled_model
 from .report import mean_and_sd, plot_expert_loads, plot_loss_against_flops, write_report
 
@@ -207,17 +207,6 @@ def expert_loads(checkpoint: Path, validation: list[torch.Tensor]) -> dict[str, 
     return {name: (total / len(validation)).tolist() for name, total in totals.items()}
 
 
-def validation_loss(model, validation: list[torch.Tensor], batch_size: int) -> float:
-    """Mean language-model loss over the validation blocks in eval mode, batched as the trainer does."""
-    model.eval()
-    losses = []
-    with torch.no_grad():
-        for start in range(0, len(validation), batch_size):
-            batch = torch.stack(validation[start : start + batch_size])
-            losses.append(lm_loss_of(model(input_ids=batch, labels=batch)).item())
-    return sum(losses) / len(losses)
-
-
 def routing_diagnostics(model, validation: list[torch.Tensor], batch_size: int, capacity_factor: float) -> dict:
     """Symmetry and balance of a ParameterNet's routed linears on the validation blocks (in batches of
     `batch_size`, as in training): the experts' mean pairwise cosine distance, the Switch load-balancing loss
@@ -263,8 +252,8 @@ def upcycling_diagnostics(recipe: dict, validation: list[torch.Tensor]) -> dict:
     start = upcycled_model(section["init_from"], config, upcycle_options(section))
     end = AutoModelForCausalLM.from_pretrained(Path(recipe["output_dir"]) / "final")
     return {
-        "dense_val_loss": validation_loss(dense, validation, batch),
-        "start_val_loss": validation_loss(start, validation, batch),
+        "dense_val_loss": mean_lm_loss(dense, validation, batch),
+        "start_val_loss": mean_lm_loss(start, validation, batch),
         "start": routing_diagnostics(start, validation, batch, DIAGNOSTIC_CAPACITY),
         "end": routing_diagnostics(end, validation, batch, DIAGNOSTIC_CAPACITY),
     }

@@ -94,8 +94,9 @@ def open_source(source: Source) -> IterableDataset:
             if source.hub is not None
             else ""
         )
-        if malformed_line(source) is not None:
-            raise unreadable_data([source], error) from error
+        malformed = malformed_data(source)
+        if malformed is not None:
+            raise malformed from error
         message = str(error).splitlines()[0] if str(error) else ""
         raise DataError(
             f"data source {source.name!r}: cannot open {where} ({error.__class__.__name__}: {message}).{hint}"
@@ -133,13 +134,21 @@ def malformed_line(source: Source) -> str | None:
     return None
 
 
+def malformed_data(source: Source) -> DataError | None:
+    """The error naming the source's first malformed line, or None."""
+    culprit = malformed_line(source)
+    if culprit is None:
+        return None
+    return DataError(f"data source {source.name!r}: {culprit}; fix or remove that line, then resume")
+
+
 def unreadable_data(sources: list[Source], error: Exception) -> DataError:
     """The error a failure to read the training data becomes: the malformed line that caused it, named by source,
     file and line, where one is found; else the failure itself."""
     for source in sources:
-        culprit = malformed_line(source)
-        if culprit is not None:
-            return DataError(f"data source {source.name!r}: {culprit}; fix or remove that line, then resume")
+        malformed = malformed_data(source)
+        if malformed is not None:
+            return malformed
     message = str(error).splitlines()[0] if str(error) else ""
     return DataError(f"reading the training data failed ({error.__class__.__name__}: {message})")
 

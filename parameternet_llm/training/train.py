@@ -8,7 +8,6 @@ line to `output_dir/metrics.jsonl`; checkpoints are accelerate states written at
 
 import argparse
 import json
-import math
 import os
 import shutil
 import socket
@@ -491,16 +490,10 @@ class Trainer:
             self.lock.release()
 
     def validation_loss(self) -> float:
-        model = self.model
-        model.eval()
         batch_size = self.recipe["train"]["micro_batch_size"]
-        total = torch.zeros((), device=self.accelerator.device)
-        with torch.no_grad():
-            for start in range(0, len(self.data.validation), batch_size):
-                batch = torch.stack(self.data.validation[start : start + batch_size]).to(self.accelerator.device)
-                total += lm_loss_of(model(input_ids=batch, labels=batch, use_cache=False))
-        model.train()
-        return (total / math.ceil(len(self.data.validation) / batch_size)).item()
+        loss = mean_lm_loss(self.model, self.data.validation, batch_size, self.accelerator.device)
+        self.model.train()
+        return loss
 
     def ranks_in_sync(self) -> bool | None:
         """Whether every process holds the same weights (None where weights are sharded)."""
@@ -653,6 +646,19 @@ def tracker_values(record: dict) -> dict[str, float]:
         values.update({f"expert_load/{short}/{expert}": share for expert, share in enumerate(shares)})
         values[f"dropped/{short}"] = record["dropped"][linear]
     return values
+
+
+def mean_lm_loss(model, blocks, batch_size: int, device: torch.device | str = "cpu") -> float:
+    """The language-model loss over `blocks` (token blocks of one length) in eval mode, the mean of its batches of
+    `batch_size`, read back once. Leaves the model in eval mode."""
+    model.eval()
+    total, batches = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            batch = torch.stack(list(blocks[start : start + batch_size])).to(device)
+            total += lm_loss_of(model(input_ids=batch, labels=batch, use_cache=False))
+            batches += 1
+    return (total / batches).item()
 
 
 def lm_loss_of(out) -> torch.Tensor:
