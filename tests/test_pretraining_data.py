@@ -101,7 +101,7 @@ def test_resumed_stream_continues_where_it_stopped_across_epochs(tmp_path):
     [next(stream) for _ in range(7)]
     state = json.loads(json.dumps(reference.state_dict()))  # checkpoints store it as JSON
     expected = [next(stream).tolist() for _ in range(40)]  # runs past the end of the data: a new epoch
-    assert reference.epoch >= 1
+    assert reference.state_dict()["epoch"] >= 1
     resumed = PackedBlocks(tokens, seq_len=16)
     resumed.load_state_dict(state)
     got = [block.tolist() for block in itertools.islice(resumed, 40)]
@@ -208,3 +208,37 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     assert next_batch(batches, specs).shape == (4,)
     with pytest.raises(DataError, match=named):
         next_batch(batches, specs)
+
+
+def test_resume_inside_a_long_document_at_every_block_keeps_a_small_state(tmp_path):
+    texts = ["short one", "y" * 1000, "tail", "z" * 37]
+    source = Source("docs", 1.0, files=[str(write_jsonl(tmp_path / "d.jsonl", texts))])
+    tokens = lambda: tokenize_documents(open_source(source), CharTokenizer())  # noqa: E731
+    reference = PackedBlocks(tokens, seq_len=16, skip=3)
+    stream = iter(reference)
+    states, blocks = [], []
+    for _ in range(150):  # past two epochs of ~66 blocks
+        blocks.append(next(stream).tolist())
+        states.append(json.loads(json.dumps(reference.state_dict())))
+    assert max(len(json.dumps(state)) for state in states) < 2000  # not the long document's remaining tokens
+    for index in (0, 1, 30, 62, 63, 64, 65, 100):
+        resumed = PackedBlocks(tokens, seq_len=16, skip=3)
+        resumed.load_state_dict(states[index])
+        got = [block.tolist() for block in itertools.islice(resumed, 20)]
+        assert got == blocks[index + 1 : index + 21], index
+
+
+def test_a_stream_state_of_the_earlier_format_resumes(tmp_path):
+    source = Source("docs", 1.0, files=[str(write_jsonl(tmp_path / "d.jsonl", [f"doc {i} " * 3 for i in range(10)]))])
+    tokens = lambda: tokenize_documents(open_source(source), CharTokenizer())  # noqa: E731
+    everything = [block.tolist() for block in itertools.islice(PackedBlocks(tokens, seq_len=16), 8)]
+    stream = tokens()
+    documents = iter(stream)
+    read = [token for _ in range(3) for token in next(documents)["input_ids"]]
+    handed_out = len(read) // 16
+    assert len(read) % 16  # the earlier format kept the rest of the last document in "buffer"
+    earlier = {"epoch": 0, "buffer": read[handed_out * 16 :], "tokens": stream.state_dict()}
+    resumed = PackedBlocks(tokens, seq_len=16)
+    resumed.load_state_dict(json.loads(json.dumps(earlier)))
+    got = [block.tolist() for block in itertools.islice(resumed, 3)]
+    assert got == everything[handed_out : handed_out + 3]

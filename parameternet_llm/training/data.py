@@ -183,8 +183,10 @@ class PackedBlocks(torch.utils.data.IterableDataset):
     """Stream of `seq_len`-token blocks from the tokenised documents; endless when `repeat`.
 
     `make_tokens()` builds the tokenised document stream; it is rebuilt at every epoch. The stream
-    position is `state_dict()`; `load_state_dict()` resumes right after the last block handed out. A fresh
-    stream passes over its first `skip` blocks (data another run trained on).
+    position is `state_dict()`: the document stream's state before the document the last block ended in,
+    and how many of that document's tokens were handed out. It stays small for documents of any length,
+    and `load_state_dict()` resumes right after the last block handed out. A fresh stream passes over
+    its first `skip` blocks (data another run trained on).
     """
 
     def __init__(self, make_tokens: Callable[[], IterableDataset], seq_len: int, repeat: bool = True, skip: int = 0):
@@ -192,38 +194,44 @@ class PackedBlocks(torch.utils.data.IterableDataset):
         self.seq_len = seq_len
         self.repeat = repeat
         self.skip = skip
-        self.epoch = 0
-        self.buffer: list[int] = []
-        self.resume_from: dict | None = None
-        self.state: dict = {"epoch": 0, "buffer": [], "tokens": None}
+        self.state: dict = {"epoch": 0, "tokens": None, "offset": 0}
 
     def state_dict(self) -> dict:
         return self.state
 
     def load_state_dict(self, state: dict) -> None:
+        if "buffer" in state:  # saved by an earlier version: the stream after the document, and its tokens left
+            state = {"epoch": state["epoch"], "tokens": state["tokens"], "offset": 0, "carry": state["buffer"]}
         self.state = state
-        self.epoch, self.buffer, self.resume_from = state["epoch"], list(state["buffer"]), state["tokens"]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        to_skip = self.skip if self.state["tokens"] is None and self.epoch == 0 else 0
+        epoch, resume_from, offset = self.state["epoch"], self.state["tokens"], self.state["offset"]
+        to_skip = self.skip if resume_from is None and epoch == 0 and offset == 0 else 0  # only a fresh stream
+        carry: list[int] = list(self.state.get("carry", []))  # tokens of earlier documents not yet in a block
         while True:
             tokens = self.make_tokens()
-            fresh_epoch = self.resume_from is None
+            fresh_epoch = resume_from is None
             if not fresh_epoch:
-                tokens.load_state_dict(self.resume_from)
-                self.resume_from = None
+                tokens.load_state_dict(resume_from)
+            document_start = resume_from
+            resume_from = None
             blocks_this_epoch = 0
             for document in tokens:
-                self.buffer.extend(document["input_ids"])
-                while len(self.buffer) >= self.seq_len:
-                    block, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
-                    self.state = {"epoch": self.epoch, "buffer": list(self.buffer), "tokens": tokens.state_dict()}
+                ids = document["input_ids"]
+                position = offset  # tokens of this document already in blocks (only after a resume)
+                offset = 0
+                while len(carry) + len(ids) - position >= self.seq_len:
+                    end = position + self.seq_len - len(carry)
+                    block, carry, position = carry + ids[position:end], [], end
+                    self.state = {"epoch": epoch, "tokens": document_start, "offset": position}
                     blocks_this_epoch += 1
                     if to_skip:
                         to_skip -= 1
                         continue
                     yield torch.tensor(block, dtype=torch.long)
-            self.epoch += 1
+                carry = carry + ids[position:]
+                document_start = tokens.state_dict()
+            epoch += 1
             if not self.repeat:
                 return
             if fresh_epoch and blocks_this_epoch == 0:
