@@ -1,4 +1,5 @@
-"""Errors about what the user gave (a recipe, a data source, a tokenizer, a config value).
+"""Errors the user can act on: what they gave (a recipe, a data source, a tokenizer, a config value) or what
+the run met (a diverged loss, a full disk).
 
 Command-line entry points print these as one line naming the culprit, without a traceback.
 """

@@ -363,21 +363,25 @@ class ParameterNetLlamaPreTrainedModel(LlamaPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, output_loading_info=False, **kwargs):
-        """`PreTrainedModel.from_pretrained` that refuses checkpoints lacking expert or router tensors."""
+        """`PreTrainedModel.from_pretrained` that refuses checkpoints lacking expert or router tensors, or holding
+        them in other shapes (which `ignore_mismatched_sizes=True` would initialise at random)."""
         model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         routed_names = model.routed_linears()
-        missing = sorted(
-            key
-            for key in loading_info["missing_keys"]
+        mismatched = {
+            key: f"{key} {tuple(saved)} in the checkpoint" for key, saved, _ in loading_info["mismatched_keys"]
+        }
+        not_loaded = sorted(
+            mismatched.get(key, key)
+            for key in set(loading_info["missing_keys"]) | set(mismatched)
             if key.rsplit(".", 1)[0] in routed_names or key.rsplit(".", 2)[0] in routed_names
         )
-        if missing:
+        if not_loaded:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            shown = ", ".join(not_loaded[:6]) + (f" and {len(not_loaded) - 6} more" if len(not_loaded) > 6 else "")
             raise ValueError(
-                f"Checkpoint {source} lacks {len(missing)} expert/router tensor(s) of {cls.__name__}: {shown}. "
-                "Refusing to initialise them at random; check num_experts, moe_projections and moe_layers "
-                "against the checkpoint."
+                f"Checkpoint {source} lacks {len(not_loaded)} expert/router tensor(s) of {cls.__name__} in the "
+                f"config's shapes: {shown}. Refusing to initialise them at random; check num_experts, "
+                "moe_projections and moe_layers against the checkpoint."
             )
         return (model, loading_info) if output_loading_info else model
 

@@ -213,6 +213,12 @@ def test_missing_router_or_expert_tensor_fails_loading(checkpoint):
             AutoModelForCausalLM.from_pretrained(checkpoint)
 
 
+def test_expert_banks_of_another_shape_are_refused_even_when_mismatches_are_ignored(checkpoint):
+    experts = json.loads((checkpoint / "config.json").read_text())["num_experts"]
+    with pytest.raises(ValueError, match=rf"router\.weight \({experts}, \d+\) in the checkpoint"):
+        ParameterNetLlamaForCausalLM.from_pretrained(checkpoint, num_experts=experts + 4, ignore_mismatched_sizes=True)
+
+
 def test_output_loading_info_is_still_returned_on_request(checkpoint):
     model, info = ParameterNetLlamaForCausalLM.from_pretrained(checkpoint, output_loading_info=True)
     assert isinstance(model, ParameterNetLlamaForCausalLM) and not info["missing_keys"]

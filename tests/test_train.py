@@ -1,5 +1,6 @@
 """End-to-end pretraining on the embedded corpus: metrics, checkpoints, kill and resume, two processes, bad input."""
 
+import errno
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -449,3 +451,111 @@ def test_pretrain_command_ends_saying_where_the_model_is(small_world, tmp_path, 
     main(["pretrain", str(recipes["tiny"]), f"output_dir={tmp_path / 'cli'}", "train.max_steps=2"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("trained to step 2 (lm_loss ") and f"the model is in {tmp_path / 'cli' / 'final'}" in last
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("model.hidden_size=32", "model config.hidden_size: 64 -> 32"),
+        ("model.capacity_factor=2.0", "model config.capacity_factor: 1.25 -> 2.0"),
+        ("data.seq_len=32", "data.seq_len: 64 -> 32"),
+        ("train.micro_batch_size=2", "train.micro_batch_size: 4 -> 2"),
+        ("data.sources=[{name: web, weight: 1.0, files: PLACEHOLDER}]", "data.sources: [{'name': 'web'"),
+    ],
+)
+def test_a_resume_with_another_model_or_data_is_refused_naming_the_change(finished_run, change, named):
+    recipe, out = finished_run
+    change = change.replace("PLACEHOLDER", str(out.parent.parent / "corpus" / "web" / "*.jsonl"))
+    before = {p.name: (p / "model.safetensors").read_bytes() for p in checkpoints(out / "checkpoints")}
+    with pytest.raises(InputError) as error:
+        run(str(recipe), [f"output_dir={out}", "train.max_steps=6", "train.resume=auto", change])
+    assert "was saved by a run with another model or data" in str(error.value)
+    assert named in str(error.value)
+    assert {p.name: (p / "model.safetensors").read_bytes() for p in checkpoints(out / "checkpoints")} == before
+
+
+def test_a_resume_applies_changed_optimizer_settings_and_says_so(small_world, tmp_path, capsys):
+    _, recipes = small_world
+    overrides = ["train.max_steps=6", "train.save_every=2", "train.log_every=2"]
+    run(str(recipes["tiny"]), [f"output_dir={tmp_path / 'straight'}", *overrides, "train.lr=1.0e-5"])
+    first = tmp_path / "resumed"
+    run(str(recipes["tiny"]), [f"output_dir={first}", *overrides[1:], "train.max_steps=2"])
+    capsys.readouterr()
+    changed = [*overrides, "train.resume=auto", "train.lr=1.0e-5", "train.weight_decay=0.05", "train.adam_eps=1.0e-6"]
+    trainer = Trainer(load_recipe(recipes["tiny"], [f"output_dir={first}", *changed]))
+    said = capsys.readouterr().out
+    recipe_lr = load_recipe(recipes["tiny"])["train"]["lr"]
+    for line in (f"train.lr: {recipe_lr!r} -> 1e-05", "train.weight_decay: 0.1 -> 0.05", "train.max_steps: 2 -> 6"):
+        assert line in said
+    matrices, vectors = trainer.optimizer.param_groups
+    assert (matrices["weight_decay"], vectors["weight_decay"]) == (0.05, 0.0)
+    assert matrices["eps"] == vectors["eps"] == 1.0e-6
+    trainer.run()
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(first)
+    assert [m["lr"] for m in resumed[1:]] == pytest.approx([m["lr"] for m in straight[1:]], rel=1e-12)
+    assert resumed[-1]["lr"] < 1.0e-5
+
+
+def test_a_checkpoint_saved_without_its_recipe_still_refuses_another_shape_clearly(finished_run, tmp_path, caplog):
+    recipe, out = finished_run
+    copy = tmp_path / "earlier"
+    shutil.copytree(out, copy)
+    for checkpoint in checkpoints(copy / "checkpoints"):  # as saved before checkpoints held their recipe
+        (checkpoint / "recipe.json").unlink()
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        del manifest["recipe.json"]
+        (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"), pytest.raises(InputError, match="does not fit this recipe's model: "):
+        run(str(recipe), [f"output_dir={copy}", "train.max_steps=6", "train.resume=auto", "model.hidden_size=32"])
+    assert "was saved without its recipe" in caplog.text
+
+
+def test_heavy_drops_are_warned_about_naming_the_capacity(small_world, tmp_path, caplog):
+    _, recipes = small_world
+    out = tmp_path / "crowded"
+    with caplog.at_level("WARNING"):
+        run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=2", "model.capacity_factor=0.1"])
+    dropped = read_metrics(out)[-1]["dropped"]
+    assert min(dropped.values()) > 0.5
+    warned = [r.getMessage() for r in caplog.records if "of its tokens over the last 2 steps" in r.getMessage()]
+    assert len(warned) == len(dropped)  # once per routed linear
+    # 4 x 64 tokens a micro-batch: ceil(0.1 * 256 / 4) = 7 tokens per expert
+    assert "capacity_factor=0.1 gives each of its 4 experts room for 7 of a micro-batch's 256 tokens" in warned[0]
+    run(str(recipes["tiny"]), [f"output_dir={tmp_path / 'usual'}", "train.max_steps=2"])
+    assert max(read_metrics(tmp_path / "usual")[-1]["dropped"].values()) < 0.5
+
+
+def test_a_full_disk_while_saving_is_named_with_the_last_good_checkpoint(small_world, tmp_path, monkeypatch):
+    _, recipes = small_world
+    out = tmp_path / "full"
+    trainer = Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", "train.max_steps=8"]))
+    real_save_state = trainer.accelerator.save_state
+
+    def save_state_until_the_disk_fills(path):
+        real_save_state(path)
+        if trainer.step == 8:
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 470")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", save_state_until_the_disk_fills)
+    with pytest.raises(InputError) as error:
+        trainer.run()
+    message = str(error.value)
+    assert message.startswith("disk full while saving step 8 (RuntimeError: [enforce fail")
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step-00000004'}" in message
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000004"]
+    assert not list((out / "checkpoints").glob(".saving-*"))
+
+
+def test_a_full_disk_while_writing_the_final_model_is_named(small_world, tmp_path, monkeypatch):
+    _, recipes = small_world
+    out = tmp_path / "full-final"
+    trainer = Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", "train.max_steps=4"]))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(trainer.tokenizer), "save_pretrained", no_space)
+    with pytest.raises(InputError, match=f"disk full while writing {out / 'final'} .*step-00000004"):
+        trainer.run()
+    assert not (out / "final").exists() and not (out / ".saving-final").exists()

@@ -394,3 +394,57 @@ def upcycle_options(model_section: dict) -> UpcycleOptions:
         return UpcycleOptions(**given)
     except (InputError, TypeError) as error:
         raise RecipeError(f"recipe key 'model.upcycling': {error}") from error
+
+
+# What makes a run the run a checkpoint belongs to: a resume with any of these changed is refused.
+RUN_IDENTITY = (
+    "data.seq_len",
+    "data.seed",
+    "data.validation_documents",
+    "data.sources",
+    "data.corpus",
+    "tokenizer",
+    "train.seed",
+    "train.start_step",
+    "train.micro_batch_size",
+    "train.gradient_accumulation_steps",
+)
+# Keys read only when a run starts afresh (the model section is compared as the config it resolves to).
+FRESH_START_ONLY = ("model", "data.skip_blocks", "train.resume", "output_dir")
+# Config entries that do not describe the model.
+CONFIG_BOOKKEEPING = {"transformers_version", "_name_or_path"}
+UNSET = "(unset)"
+
+
+def flat_items(prefix: str, value) -> dict:
+    """A nested mapping as {dotted key: value}; lists, scalars and empty mappings are leaves."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in flat_items(f"{prefix}{key}.", item).items()}
+    return {prefix.rstrip("."): value}
+
+
+def differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, 'old -> new') for every leaf that differs between two nested mappings."""
+    old, new = flat_items(prefix, before), flat_items(prefix, after)
+    return [
+        (key, f"{old.get(key, UNSET)!r} -> {new.get(key, UNSET)!r}".replace(repr(UNSET), UNSET))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, UNSET) != new.get(key, UNSET)
+    ]
+
+
+def resume_changes(saved: dict, recipe: dict, saved_config: dict, config: dict) -> tuple[list[str], list[str]]:
+    """How a recipe resuming a checkpoint differs from the one the checkpoint was saved with, as
+    (refused, applied) lines: a changed model config or run identity is refused; anything else applies
+    from the resumed step on, or has no effect on a resumed run (said so)."""
+    refused, applied = [], []
+    for key, change in differences(saved, recipe):
+        if key.startswith(RUN_IDENTITY):
+            refused.append(f"{key}: {change}")
+        elif key.startswith(FRESH_START_ONLY):
+            applied.append(f"{key}: {change} (no effect on a resumed run)")
+        else:
+            applied.append(f"{key}: {change}")
+    model = [{k: v for k, v in c.items() if k not in CONFIG_BOOKKEEPING} for c in (saved_config, config)]
+    refused += [f"{key}: {change}" for key, change in differences(*model, prefix="model config.")]
+    return refused, applied

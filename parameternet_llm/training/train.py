@@ -7,11 +7,14 @@ line to `output_dir/metrics.jsonl`; checkpoints are accelerate states written at
 """
 
 import argparse
+import errno
 import json
+import math
 import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,16 +35,24 @@ from ..upcycling import read_checkpoint_config, upcycled_model
 from .balance import expert_counts, global_aux_loss
 from .data import Source, build_pretraining_data, open_recipe_sources, training_documents, unreadable_data
 from .metrics import keep_logged_steps_up_to, read_metrics
-from .recipe import RecipeError, load_recipe, model_config, upcycle_options
+from .recipe import RecipeError, flat_items, load_recipe, model_config, resume_changes, upcycle_options
 from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
 
 logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "step-"
 CHECKPOINT_MANIFEST = "manifest.json"
+RUN_RECIPE = "recipe.json"  # the recipe and model config a checkpoint was saved with
 
 
 class DivergedError(InputError):
     """Training produced a non-finite loss or gradient; the message names the steps and what to change."""
+
+
+class SaveError(InputError):
+    """A checkpoint or model could not be written (a full disk, most often); the last good checkpoint stays."""
+
+
+DISK_NEARLY_FULL = 16 * 2**20  # bytes free under which a failed write is put down to a full disk
 
 
 # Dense bf16 tensor-core peak per device, for MFU.
@@ -141,6 +152,12 @@ def check_engine(accelerator: Accelerator) -> None:
             )
 
 
+def optimizer_settings(train: dict) -> list[dict]:
+    """AdamW's settings for its two parameter groups: the matrices (decayed), then the vectors (not decayed)."""
+    common = {"lr": train["lr"], "betas": (train["adam_beta1"], train["adam_beta2"]), "eps": train["adam_eps"]}
+    return [{**common, "weight_decay": train["weight_decay"]}, {**common, "weight_decay": 0.0}]
+
+
 def learning_rate_schedule(optimizer, train: dict) -> LambdaLR:
     """Linear warm-up, then cosine decay to min_lr_ratio at max_steps. A run that starts at `start_step` (on
     weights another run trained that far) follows the rest of that schedule, warmed up again over warmup_steps
@@ -224,10 +241,9 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def flatten(prefix: str, value) -> dict:
-    if isinstance(value, dict):
-        return {k: v for key, item in value.items() for k, v in flatten(f"{prefix}{key}.", item).items()}
-    return {prefix.rstrip("."): value if isinstance(value, (int, float, str, bool)) else str(value)}
+def tracker_config(recipe: dict) -> dict:
+    """The recipe as the flat mapping of scalars trackers take."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_items("", recipe).items()}
 
 
 class Trainer:
@@ -278,14 +294,12 @@ class Trainer:
         model = initial_model(recipe["model"], self.config)
         if train["gradient_checkpointing"]:
             model.gradient_checkpointing_enable({"use_reentrant": False})
+        matrices, vectors = optimizer_settings(train)
         optimizer = torch.optim.AdamW(
             [
-                {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": train["weight_decay"]},
-                {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+                {"params": [p for p in model.parameters() if p.dim() >= 2], **matrices},
+                {"params": [p for p in model.parameters() if p.dim() < 2], **vectors},
             ],
-            lr=train["lr"],
-            betas=(train["adam_beta1"], train["adam_beta2"]),
-            eps=train["adam_eps"],
             fused=True,  # one kernel per step on CUDA and CPU alike
         )
         # Stepped once per optimizer step here, so not handed to accelerate (which would step it per process).
@@ -312,7 +326,7 @@ class Trainer:
                     "to train. Raise train.max_steps to continue that run, or choose another output_dir"
                 )
         if train["trackers"]:
-            accelerator.init_trackers("parameternet-llm", config=flatten("", recipe))
+            accelerator.init_trackers("parameternet-llm", config=tracker_config(recipe))
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, window: "Window") -> None:
@@ -324,18 +338,24 @@ class Trainer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(staging))
-        (staging / f"data_state_rank{accelerator.process_index}.json").write_text(
-            json.dumps(self.data.train.state_dict())
-        )
-        # The statistics of the steps since the last log, so a resumed run logs what the uninterrupted one would.
-        torch.save(window.state_dict(), staging / f"window_rank{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
-            (staging / "trainer_state.json").write_text(json.dumps({"step": self.step}))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # the sizes a resume checks the files against
-            sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
-            (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(sizes, indent=1))
+        with self.saving(f"saving step {self.step}", staging):
+            accelerator.save_state(str(staging))
+            (staging / f"data_state_rank{accelerator.process_index}.json").write_text(
+                json.dumps(self.data.train.state_dict())
+            )
+            # The statistics of the steps since the last log, so a resumed run logs what the uninterrupted one would.
+            torch.save(window.state_dict(), staging / f"window_rank{accelerator.process_index}.pt")
+            if accelerator.is_main_process:
+                (staging / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+                (staging / RUN_RECIPE).write_text(
+                    json.dumps({"recipe": self.recipe, "model_config": self.config.to_dict()}, indent=1)
+                )
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:  # the sizes a resume checks the files against
+                sizes = {
+                    str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()
+                }
+                (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(sizes, indent=1))
         if accelerator.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
@@ -344,6 +364,25 @@ class Trainer:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
+    @contextmanager
+    def saving(self, what: str, staging: Path):
+        """Turn a failure to write `staging` (a full disk shows as torch's 'unexpected pos') into an error that
+        says so and names the last good checkpoint; the partial files are removed."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            free = shutil.disk_usage(staging.parent).free
+            shutil.rmtree(staging, ignore_errors=True)
+            full = getattr(error, "errno", None) == errno.ENOSPC or free < DISK_NEARLY_FULL
+            good = checkpoints(self.output_dir / "checkpoints")
+            raise SaveError(
+                f"{'disk full while ' if full else ''}{what} ({error.__class__.__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}; {free / 2**20:.1f} MiB free "
+                f"on the disk of {staging.parent}); "
+                + (f"the last good checkpoint is {good[-1]}" if good else "no checkpoint had been saved yet")
+                + ". Free some space, then resume with train.resume=auto"
+            ) from error
+
     def load_checkpoint(self, path: Path) -> None:
         data_state = path / f"data_state_rank{self.accelerator.process_index}.json"
         if not data_state.is_file():
@@ -351,12 +390,49 @@ class Trainer:
                 f"checkpoint {path} has no data state for process {self.accelerator.process_index}; "
                 "resume with the number of processes it was saved with"
             )
-        self.accelerator.load_state(str(path))
+        self.check_recipe_against(path)
+        try:
+            self.accelerator.load_state(str(path))
+        except RuntimeError as error:  # a checkpoint saved without its recipe, of another shape
+            raise RecipeError(f"{path} does not fit this recipe's model: {str(error).splitlines()[0]}") from error
+        self.apply_optimizer_settings()
         self.data.train.load_state_dict(json.loads(data_state.read_text()))
         window = path / f"window_rank{self.accelerator.process_index}.pt"
         self.resumed_window = torch.load(window, map_location=self.accelerator.device) if window.is_file() else None
         self.step = json.loads((path / "trainer_state.json").read_text())["step"]
         self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    def check_recipe_against(self, path: Path) -> None:
+        """Refuse to resume `path` with another model or data than it was saved with (naming each change); say
+        which other settings changed."""
+        saved_file = path / RUN_RECIPE
+        if not saved_file.is_file():
+            logger.warning(f"{path} was saved without its recipe: changes to the model or data cannot be checked")
+            return
+        saved = json.loads(saved_file.read_text())
+        config = json.loads(json.dumps(self.config.to_dict()))  # as read back from JSON
+        refused, applied = resume_changes(saved["recipe"], self.recipe, saved["model_config"], config)
+        if refused:
+            raise RecipeError(
+                f"{path} was saved by a run with another model or data, so resuming it would not continue that run:"
+                + "".join(f"\n  {line}" for line in refused)
+                + "\nRestore these values to resume it, or choose another output_dir for a new run"
+            )
+        if applied:
+            self.accelerator.print(
+                f"resuming {path.name} with changed settings, in force from here on:"
+                + "".join(f"\n  {line}" for line in applied)
+            )
+
+    def apply_optimizer_settings(self) -> None:
+        """The recipe's optimizer settings and peak learning rate over those a resumed checkpoint restored."""
+        groups = self.optimizer.param_groups
+        for group, settings in zip(groups, optimizer_settings(self.recipe["train"]), strict=True):
+            group.update(settings, initial_lr=settings["lr"])
+        scheduler = self.scheduler
+        scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+            group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
 
     # --- training ----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -381,6 +457,7 @@ class Trainer:
         if self.resumed_window is not None:
             window.load_state_dict(self.resumed_window)
         starvation = StarvationWatch(train["starved_expert_steps"])
+        drops = DropWatch(self.config, train["micro_batch_size"] * recipe["data"]["seq_len"])
         self.model.train()
         finished = self.output_dir / "summary.json"
         if self.step == train["max_steps"] and finished.is_file() and (self.output_dir / "final").is_dir():
@@ -437,7 +514,10 @@ class Trainer:
                         loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
                     )
                 accelerator.log(tracker_values(record), step=self.step)
-                for warning in starvation.update(record["expert_load"], window.steps):
+                for warning in [
+                    *starvation.update(record["expert_load"], window.steps),
+                    *drops.update(record["dropped"], window.steps),
+                ]:
                     logger.warning(warning)
                 window = Window()
             if self.step in train["export_steps"]:
@@ -517,8 +597,9 @@ class Trainer:
         if accelerator.is_main_process:
             staging = path.with_name(f".saving-{path.name}")
             shutil.rmtree(staging, ignore_errors=True)
-            accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
-            self.tokenizer.save_pretrained(staging)
+            with self.saving(f"writing {path}", staging):
+                accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
+                self.tokenizer.save_pretrained(staging)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(staging, path)
@@ -624,6 +705,33 @@ class StarvationWatch:
                         f"for {self.starved_for[key]} steps (router collapse?): consider a larger "
                         "router_aux_loss_coef, router_jitter_noise, or a lower learning rate"
                     )
+        return warnings
+
+
+class DropWatch:
+    """Warns once per routed linear that drops more than half its tokens over a logging window, naming the
+    capacity that makes it drop them."""
+
+    heavy = 0.5
+
+    def __init__(self, config, micro_batch_tokens: int):
+        self.config, self.micro_batch_tokens = config, micro_batch_tokens
+        self.warned: set[str] = set()
+
+    def update(self, dropped: dict[str, float] | None, steps: int) -> list[str]:
+        """The warnings due for the dropped shares of a window of `steps` steps."""
+        warnings = []
+        for linear, share in (dropped or {}).items():
+            if share > self.heavy and linear not in self.warned:
+                self.warned.add(linear)
+                config, tokens = self.config, self.micro_batch_tokens
+                room = max(config.min_capacity, math.ceil(config.capacity_factor * tokens / config.num_experts))
+                warnings.append(
+                    f"{linear} dropped {share:.0%} of its tokens over the last {steps} steps: capacity_factor="
+                    f"{config.capacity_factor} gives each of its {config.num_experts} experts room for {room} of a "
+                    f"micro-batch's {tokens} tokens. Raise model.capacity_factor (null: no drops), lower "
+                    "model.num_experts or raise the micro-batch"
+                )
         return warnings
 
 
