@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 save=(--save "${RESULTS:-benchmarks/results.jsonl}")
-bench() { python3 -m parameternet_llm.cli bench "$@"; }
+bench() { python3 -m parameternet_llm_cli bench "$@"; }
 layer=()  # GPU: one FFN projection of LLaMA-1B, 16384 tokens; CPU: of the cpu-small shape, 2048 tokens
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" ||
   layer=(--tokens 2048 --in-features 256 --out-features 688)

@@ -66,3 +66,8 @@ def flops_per_token(config: LlamaConfig, seq_len: int) -> int:
     attention_width = config.num_attention_heads * head_dim
     _, active = _matmul_parameters(config)
     return 2 * active + 4 * config.num_hidden_layers * seq_len * attention_width
+
+
+def short_count(count: int) -> str:
+    """936429568 -> '0.94B', 2370000 -> '2.37M'."""
+    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"

@@ -1,8 +1,9 @@
 """Speed of ParameterNet against its dense twin, measured in the same process.
 
 `parameternet-llm bench layer|train|decode` prints a table and, last, one JSON line with the ratio.
-bf16 on a GPU, fp32 on a CPU; warm-up first, then the median of several repeats (`ratio`: of the
-medians; `paired_ratio`: the median of each round's ratio).
+bf16 on a GPU, fp32 on a CPU; warm-up first, then the median of several repeats. Every ratio is a speed
+against dense, dense time / ParameterNet time (1.0 = dense's speed, higher is faster): `ratio` of the
+medians, `paired_ratio` the median of each round's.
 """
 
 import json
@@ -87,13 +88,25 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
 
 
-def report(title: str, rows: list[tuple[str, str, str]], result: dict) -> dict:
+def speed_vs_dense(times: dict[str, list[float]], name: str) -> dict[str, float]:
+    """`name`'s speed against dense: dense time / its time, of the medians and paired by round."""
+    return {
+        "ratio": statistics.median(times["dense"]) / statistics.median(times[name]),
+        "paired_ratio": paired_ratio(times, "dense", name),
+    }
+
+
+def report(title: str, rows: dict[str, str], seconds: dict[str, float], result: dict) -> dict:
+    """Print the table (each row's time as shown, and its speed against dense) and the JSON line; return `result`."""
     print(title)
-    print("| what | time | vs dense |")
+    print("| what | time | speed vs dense (dense time / time; higher is faster) |")
     print("|---|---|---|")
-    for row in rows:
-        print(f"| {' | '.join(row)} |")
-    print(f"ratio {result['ratio']:.3f} (of medians), {result['paired_ratio']:.3f} (median of each round's)")
+    for name, shown in rows.items():
+        print(f"| {name} | {shown} | {seconds['dense'] / seconds[name]:.3f} |")
+    print(
+        f"speed vs dense {result['ratio']:.3f} (ratio of medians), {result['paired_ratio']:.3f} "
+        "(median of each round's)"
+    )
     print(json.dumps(result))
     return result
 
@@ -130,12 +143,12 @@ def bench_layer(
         with_reference_path(functions, plugged, device)
     times = interleaved_times(functions, device, warmup, repeats)
     seconds = medians(times)
-    dense = seconds["dense"]
-    rows = [(name, f"{1e3 * s:.3f} ms", f"{s / dense:.2f}x") for name, s in seconds.items()]
+    rows = {name: f"{1e3 * s:.3f} ms" for name, s in seconds.items()}
     return report(
         f"routed linear fwd+bwd: {tokens} tokens, {in_features}->{out_features}, {num_experts} experts, "
         f"capacity {capacity_factor}, {dtype}, {describe_device(device)}",
         rows,
+        seconds,
         {
             "bench": "layer",
             "device": describe_device(device),
@@ -145,8 +158,7 @@ def bench_layer(
             "out": out_features,
             "experts": num_experts,
             "ms": {name: 1e3 * s for name, s in seconds.items()},
-            "ratio": seconds[backends[0]] / dense,
-            "paired_ratio": paired_ratio(times, backends[0], "dense"),
+            **speed_vs_dense(times, backends[0]),
         },
     )
 
@@ -222,19 +234,12 @@ def bench_train(
     seconds = medians(times)
     tokens = batch_size * seq_len
     throughput = {name: tokens / s for name, s in seconds.items()}
-    ratio = throughput["parameternet"] / throughput["dense"]
-    rows = [
-        (
-            name,
-            f"{1e3 * seconds[name]:.1f} ms/step, {throughput[name]:,.0f} tokens/s",
-            f"{throughput[name] / throughput['dense']:.3f}x",
-        )
-        for name in seconds
-    ]
+    rows = {name: f"{1e3 * seconds[name]:.1f} ms/step, {throughput[name]:,.0f} tokens/s" for name in seconds}
     return report(
         f"training step: {shape}, batch {batch_size} x {seq_len}, {num_experts} experts on {'+'.join(projections)}, "
         f"backend {backend}, {dtype}, {describe_device(device)}",
         rows,
+        seconds,
         {
             "bench": "train",
             "device": describe_device(device),
@@ -244,8 +249,7 @@ def bench_train(
             "experts": num_experts,
             "projections": list(projections),
             "tokens_per_s": throughput,
-            "ratio": ratio,
-            "paired_ratio": paired_ratio(times, "dense", "parameternet"),
+            **speed_vs_dense(times, "parameternet"),
         },
     )
 
@@ -272,14 +276,12 @@ def bench_decode(
     times = interleaved_times(runs, device, warmup, repeats)
     seconds = medians(times)
     per_token = {name: 1e3 * s / new_tokens for name, s in seconds.items()}
-    ratio = per_token["parameternet"] / per_token["dense"]
-    rows = [
-        (name, f"{per_token[name]:.2f} ms/token", f"{per_token[name] / per_token['dense']:.3f}x") for name in per_token
-    ]
+    rows = {name: f"{per_token[name]:.2f} ms/token" for name in per_token}
     return report(
         f"batch-1 greedy decode: {shape}, prompt {prompt_len}, {new_tokens} new tokens, {num_experts} experts on "
         f"{'+'.join(projections)}, backend {backend}, {dtype}, {describe_device(device)}",
         rows,
+        seconds,
         {
             "bench": "decode",
             "device": describe_device(device),
@@ -289,7 +291,6 @@ def bench_decode(
             "experts": num_experts,
             "projections": list(projections),
             "ms_per_token": per_token,
-            "ratio": ratio,
-            "paired_ratio": paired_ratio(times, "parameternet", "dense"),
+            **speed_vs_dense(times, "parameternet"),
         },
     )

@@ -7,9 +7,9 @@ from conftest import TINY_SHAPE, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from parameternet_llm import ParameterNetLlamaForCausalLM
-from parameternet_llm.accounting import count_parameters, flops_per_token
-from parameternet_llm.cli import human, main
+from parameternet_llm.accounting import count_parameters, flops_per_token, short_count
 from parameternet_llm.presets import LLAMA_1B, table7_configs
+from parameternet_llm_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE7_PARAMS_B = {"dense": 0.94, "x4": 1.54, "x8": 2.35}
@@ -75,7 +75,7 @@ def test_info_prints_table7_and_single_configs(capsys, tmp_path):
     tiny_config(num_experts=8).save_pretrained(tmp_path)
     main(["info", str(tmp_path), "--seq-len", "64"])
     params = count_parameters(tiny_config(num_experts=8))
-    assert f"| {human(params['total'])} | {human(params['active'])} |" in capsys.readouterr().out
+    assert f"| {short_count(params['total'])} | {short_count(params['active'])} |" in capsys.readouterr().out
     main(["info", str(REPO / "recipes" / "paper" / "llama-1b-down-x8.yaml")])
     assert "| 2.35B | 0.94B |" in capsys.readouterr().out
 

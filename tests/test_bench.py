@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from parameternet_llm import bench
-from parameternet_llm.cli import main
 from parameternet_llm.kernels import reference_only
+from parameternet_llm_cli import main
 
 
 def last_json_line(text: str) -> dict:
@@ -25,7 +25,7 @@ def test_layer_bench_times_each_backend_against_nn_linear(capsys):
     assert printed == json.loads(json.dumps(result))
     assert set(result["ms"]) == {"dense", "loop", "grouped_mm", bench.REFERENCE}
     assert all(v > 0 for v in result["ms"].values())
-    assert result["ratio"] == pytest.approx(result["ms"]["loop"] / result["ms"]["dense"])
+    assert result["ratio"] == pytest.approx(result["ms"]["dense"] / result["ms"]["loop"])  # a speed
 
 
 def test_cpu_results_say_which_plug_in_ran():
@@ -47,8 +47,11 @@ def test_train_and_decode_benches_report_ratios(monkeypatch, capsys):
     assert set(train["tokens_per_s"]) == {"dense", "parameternet", bench.REFERENCE}
     assert train["paired_ratio"] > 0
     decode = bench.bench_decode("test", prompt_len=4, new_tokens=4, num_experts=4, warmup=0, repeats=1)
-    assert decode["ratio"] == pytest.approx(decode["ms_per_token"]["parameternet"] / decode["ms_per_token"]["dense"])
-    assert "| dense |" in capsys.readouterr().out
+    assert decode["ratio"] == pytest.approx(decode["ms_per_token"]["dense"] / decode["ms_per_token"]["parameternet"])
+    assert decode["paired_ratio"] == pytest.approx(decode["ratio"])  # one round
+    printed = capsys.readouterr().out
+    assert printed.count("| what | time | speed vs dense (dense time / time; higher is faster) |") == 2
+    assert "| dense | " in printed and "ms/token | 1.000 |" in printed
 
 
 def test_bench_command_saves_the_record(tmp_path, capsys):

@@ -5,9 +5,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from parameternet_llm.cli import main
 from parameternet_llm.demo.corpus import SOURCES, World, generate_corpus
 from parameternet_llm.training.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from parameternet_llm_cli import main
 
 
 @pytest.fixture(scope="module")

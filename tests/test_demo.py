@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from parameternet_llm.cli import main
 from parameternet_llm.demo import run as demo
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.recipe import validate_recipe
+from parameternet_llm_cli import main
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

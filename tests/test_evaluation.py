@@ -12,13 +12,13 @@ import torch
 from conftest import tiny_config
 
 from parameternet_llm import ParameterNetLlamaForCausalLM, ParameterNetLlamaForSequenceClassification
-from parameternet_llm.cli import main
 from parameternet_llm.demo.corpus import SOURCES, World, generate_corpus
 from parameternet_llm.errors import InputError
 from parameternet_llm.evaluation.harness import OFFLINE_TASKS_DIR, EvalError, evaluate
 from parameternet_llm.evaluation.offline_tasks import CHANCE, TASK_NAMES, generate_task_data, write_task_data
 from parameternet_llm.evaluation.sst2 import finetune_sst2
 from parameternet_llm.training.tokenizer import train_tokenizer
+from parameternet_llm_cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS_DIR = OFFLINE_TASKS_DIR

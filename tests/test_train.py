@@ -445,7 +445,7 @@ def test_a_finished_run_asked_again_or_for_fewer_steps_changes_nothing(small_wor
 
 
 def test_pretrain_command_ends_saying_where_the_model_is(small_world, tmp_path, capsys):
-    from parameternet_llm.cli import main
+    from parameternet_llm_cli import main
 
     _, recipes = small_world
     main(["pretrain", str(recipes["tiny"]), f"output_dir={tmp_path / 'cli'}", "train.max_steps=2"])

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, LlamaForCausalLM, MixtralConfig
 
-from parameternet_llm.cli import main
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.recipe import load_recipe, model_config
 from parameternet_llm.training.tokenizer import train_tokenizer
@@ -26,6 +25,7 @@ from parameternet_llm.upcycling import (
     upcycled_config,
     upcycled_model,
 )
+from parameternet_llm_cli import main
 
 ALL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 LLAMA3_ROPE = {

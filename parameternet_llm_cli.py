@@ -1,4 +1,9 @@
-"""The `parameternet-llm` command line."""
+"""The `parameternet-llm` command line.
+
+A module of its own beside the package: importing `parameternet_llm` registers the model with transformers,
+which imports torch (seconds), so the commands import what they need only once the arguments are parsed
+and `--help` answers at once.
+"""
 
 import argparse
 import itertools
@@ -6,18 +11,16 @@ import json
 import sys
 from pathlib import Path
 
-from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, LlamaConfig
 
-from .accounting import count_parameters, flops_per_token
-from .configuration_parameternet_llama import ParameterNetLlamaConfig
-from .errors import InputError
-from .presets import MODEL_SHAPES, table7_configs
-from .training.recipe import RecipeError, apply_overrides, load_recipe, model_config
-
-
-def load_config(target: str, overrides: list[str]) -> LlamaConfig:
+def load_config(target: str, overrides: list[str]):
     """A config from a model-shape name, a checkpoint directory, a config.json or a recipe."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from parameternet_llm.configuration_parameternet_llama import ParameterNetLlamaConfig
+    from parameternet_llm.presets import MODEL_SHAPES
+    from parameternet_llm.training.recipe import RecipeError, apply_overrides, load_recipe, model_config
+
     if target in MODEL_SHAPES:
         try:
             return ParameterNetLlamaConfig(**apply_overrides(MODEL_SHAPES[target], overrides))
@@ -27,7 +30,7 @@ def load_config(target: str, overrides: list[str]) -> LlamaConfig:
     if not path.exists():
         raise SystemExit(f"error: {target!r} is neither a model shape ({', '.join(MODEL_SHAPES)}) nor an existing path")
     if path.suffix in (".yaml", ".yml"):
-        from .training.tokenizer import has_tokenizer, load_tokenizer
+        from parameternet_llm.training.tokenizer import has_tokenizer, load_tokenizer
 
         recipe = load_recipe(path, overrides)
         tokenizer = recipe["tokenizer"]["path"]
@@ -42,12 +45,10 @@ def load_config(target: str, overrides: list[str]) -> LlamaConfig:
     return AutoConfig.for_model(**config_dict)
 
 
-def human(count: int) -> str:
-    """936429568 -> '0.94B', 2370000 -> '2.37M'."""
-    return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
-
-
 def info(args: argparse.Namespace) -> None:
+    from parameternet_llm.accounting import count_parameters, flops_per_token, short_count
+    from parameternet_llm.presets import MODEL_SHAPES, table7_configs
+
     if args.target in MODEL_SHAPES and not args.overrides:
         rows = table7_configs(MODEL_SHAPES[args.target])
     else:
@@ -57,11 +58,12 @@ def info(args: argparse.Namespace) -> None:
     for name, config in rows.items():
         params = count_parameters(config)
         flops = flops_per_token(config, args.seq_len)
-        print(f"| {name} | {human(params['total'])} | {human(params['active'])} | {flops / 1e9:.4g} |")
+        print(f"| {name} | {short_count(params['total'])} | {short_count(params['active'])} | {flops / 1e9:.4g} |")
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    from .training.train import run
+    from parameternet_llm.training.recipe import load_recipe
+    from parameternet_llm.training.train import run
 
     output_dir = Path(load_recipe(args.recipe, args.overrides)["output_dir"])
     summary = run(args.recipe, args.overrides)
@@ -77,15 +79,15 @@ def pretrain(args: argparse.Namespace) -> None:
 
 
 def make_corpus(args: argparse.Namespace) -> None:
-    from .demo.corpus import generate_corpus
+    from parameternet_llm.demo.corpus import generate_corpus
 
     path = generate_corpus(args.output, args.num_tokens, args.seed)
     print(json.loads((path / "manifest.json").read_text()))
 
 
 def train_tokenizer_command(args: argparse.Namespace) -> None:
-    from .training.data import Source, open_source
-    from .training.tokenizer import train_tokenizer
+    from parameternet_llm.training.data import Source, open_source
+    from parameternet_llm.training.tokenizer import train_tokenizer
 
     stream = open_source(Source("tokenizer-data", 1.0, files=args.files, text_field=args.text_field))
     texts = (example["text"] for example in itertools.islice(stream, args.max_documents))
@@ -94,7 +96,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
-    from .evaluation.harness import evaluate, format_table
+    from parameternet_llm.evaluation.harness import evaluate, format_table
 
     tasks = [task for task in args.tasks.split(",") if task]
     rows = evaluate(args.checkpoints, tasks, args.output, args.include_path, args.batch_size, args.limit, args.seq_len)
@@ -103,7 +105,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
 
 def finetune_sst2_command(args: argparse.Namespace) -> None:
-    from .evaluation.sst2 import finetune_sst2
+    from parameternet_llm.evaluation.sst2 import finetune_sst2
 
     result = finetune_sst2(
         args.checkpoint,
@@ -124,7 +126,7 @@ def finetune_sst2_command(args: argparse.Namespace) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> None:
-    from .demo.run import run_demo
+    from parameternet_llm.demo.run import run_demo
 
     seeds = None if args.seeds is None else tuple(int(seed) for seed in args.seeds.split(","))
     run_demo(args.output, args.preset, seeds)
@@ -145,14 +147,15 @@ def router_init_std(text: str) -> float | None:
 
 
 def inspect_command(args: argparse.Namespace) -> None:
-    from .inspection import inspect_checkpoint
+    from parameternet_llm.inspection import inspect_checkpoint
 
     print(inspect_checkpoint(args.checkpoint, args.text, args.seq_len, args.max_tokens))
 
 
 def upcycle_command(args: argparse.Namespace) -> None:
-    from .training.recipe import parse_override
-    from .upcycling import UpcycleOptions, upcycle
+    from parameternet_llm.accounting import count_parameters, short_count
+    from parameternet_llm.training.recipe import parse_override
+    from parameternet_llm.upcycling import UpcycleOptions, upcycle
 
     routing = {".".join(keys): value for keys, value in map(parse_override, args.overrides)}
     routing.update(num_experts=args.experts, moe_projections=args.projections.split(","))
@@ -163,7 +166,8 @@ def upcycle_command(args: argparse.Namespace) -> None:
     params = count_parameters(config)
     tokenizer = any((Path(args.output_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     print(
-        f"wrote {args.output_dir}: {human(params['total'])} parameters, {human(params['active'])} active per token; "
+        f"wrote {args.output_dir}: {short_count(params['total'])} parameters, "
+        f"{short_count(params['active'])} active per token; "
         f"{config.num_experts} experts on {', '.join(config.moe_projections)}; expert_scale {config.expert_scale}, "
         f"capacity_factor {config.capacity_factor}; "
         + ("the dense function is kept at step 0" if options.preserves_function else "experts perturbed")
@@ -175,7 +179,7 @@ def bench_command(args: argparse.Namespace) -> None:
     import datetime
     import shlex
 
-    from . import bench
+    from parameternet_llm import bench
 
     projections = tuple(args.projections.split(","))
     gpu = bench.device_and_dtype()[0].type == "cuda"
@@ -366,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.command_line = ["parameternet-llm", *(sys.argv[1:] if argv is None else argv)]
+    from parameternet_llm.errors import InputError
+
     try:
         args.handler(args)
     except InputError as error:
