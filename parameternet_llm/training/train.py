@@ -709,28 +709,31 @@ class StarvationWatch:
 
 
 class DropWatch:
-    """Warns once per routed linear that drops more than half its tokens over a logging window, naming the
-    capacity that makes it drop them."""
+    """Warns once per routed linear that drops more than half its tokens in two logging windows in a row (a
+    single window may, while the routers are young), naming the capacity that makes it drop them."""
 
     heavy = 0.5
 
     def __init__(self, config, micro_batch_tokens: int):
         self.config, self.micro_batch_tokens = config, micro_batch_tokens
+        self.heavy_for: dict[str, int] = {}  # steps of consecutive heavy windows
         self.warned: set[str] = set()
 
     def update(self, dropped: dict[str, float] | None, steps: int) -> list[str]:
         """The warnings due for the dropped shares of a window of `steps` steps."""
         warnings = []
         for linear, share in (dropped or {}).items():
-            if share > self.heavy and linear not in self.warned:
+            before = self.heavy_for.get(linear, 0)
+            self.heavy_for[linear] = before + steps if share > self.heavy else 0
+            if before and share > self.heavy and linear not in self.warned:
                 self.warned.add(linear)
                 config, tokens = self.config, self.micro_batch_tokens
                 room = max(config.min_capacity, math.ceil(config.capacity_factor * tokens / config.num_experts))
                 warnings.append(
-                    f"{linear} dropped {share:.0%} of its tokens over the last {steps} steps: capacity_factor="
-                    f"{config.capacity_factor} gives each of its {config.num_experts} experts room for {room} of a "
-                    f"micro-batch's {tokens} tokens. Raise model.capacity_factor (null: no drops), lower "
-                    "model.num_experts or raise the micro-batch"
+                    f"{linear} has dropped over half its tokens for {self.heavy_for[linear]} steps ({share:.0%} in "
+                    f"the last {steps}): capacity_factor={config.capacity_factor} gives each of its "
+                    f"{config.num_experts} experts room for {room} of a micro-batch's {tokens} tokens. Raise "
+                    "model.capacity_factor (null: no drops), lower model.num_experts or raise the micro-batch"
                 )
         return warnings
 
