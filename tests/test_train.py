@@ -472,6 +472,7 @@ def test_a_resume_with_another_model_or_data_is_refused_naming_the_change(finish
     assert "was saved by a run with another model or data" in str(error.value)
     assert named in str(error.value)
     assert {p.name: (p / "model.safetensors").read_bytes() for p in checkpoints(out / "checkpoints")} == before
+    assert not (out / ".lock").exists()  # free for the next run
 
 
 def test_a_resume_applies_changed_optimizer_settings_and_says_so(small_world, tmp_path, capsys):
@@ -555,6 +556,7 @@ def test_a_full_disk_while_saving_is_named_with_the_last_good_checkpoint(small_w
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step-00000004'}" in message
     assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000004"]
     assert not list((out / "checkpoints").glob(".saving-*"))
+    assert not (out / ".lock").exists()
 
 
 def test_a_full_disk_while_writing_the_final_model_is_named(small_world, tmp_path, monkeypatch):

@@ -317,14 +317,15 @@ class Trainer:
         self.resumed_window = None
         # Taken once the input has been checked, so bad input leaves no output_dir behind.
         self.lock = OutputLock(self.output_dir) if accelerator.is_main_process else None
-        self.resume_from = resolve_resume(train["resume"], self.output_dir)
-        if self.resume_from is not None:
-            self.load_checkpoint(self.resume_from)
-            if self.step > train["max_steps"]:
-                raise RecipeError(
-                    f"{self.resume_from} is at step {self.step}, past train.max_steps={train['max_steps']}: nothing "
-                    "to train. Raise train.max_steps to continue that run, or choose another output_dir"
-                )
+        with self.lock_released_on_error():
+            self.resume_from = resolve_resume(train["resume"], self.output_dir)
+            if self.resume_from is not None:
+                self.load_checkpoint(self.resume_from)
+                if self.step > train["max_steps"]:
+                    raise RecipeError(
+                        f"{self.resume_from} is at step {self.step}, past train.max_steps={train['max_steps']}: "
+                        "nothing to train. Raise train.max_steps to continue that run, or choose another output_dir"
+                    )
         if train["trackers"]:
             accelerator.init_trackers("parameternet-llm", config=tracker_config(recipe))
 
@@ -435,7 +436,22 @@ class Trainer:
             group["lr"] = group["initial_lr"] * factor(scheduler.last_epoch)
 
     # --- training ----------------------------------------------------------------------------
+    @contextmanager
+    def lock_released_on_error(self):
+        """A run that fails (bad input, divergence, a full disk) leaves output_dir free for the next one."""
+        try:
+            yield
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
     def run(self) -> dict:
+        """Train to train.max_steps, then write final/ and summary.json; the summary."""
+        with self.lock_released_on_error():
+            return self.train_to_the_end()
+
+    def train_to_the_end(self) -> dict:
         accelerator, recipe = self.accelerator, self.recipe
         train = recipe["train"]
         metrics_path = self.output_dir / "metrics.jsonl"
