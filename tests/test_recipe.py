@@ -1,5 +1,6 @@
 """Recipes: the shipped files load and say what the paper says; bases, overrides and errors."""
 
+import copy
 import glob
 from pathlib import Path
 
@@ -8,7 +9,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from parameternet_llm.accounting import count_parameters
 from parameternet_llm.presets import ROUTING_FIELDS
-from parameternet_llm.training.recipe import RecipeError, load_recipe, model_config, read_recipe_file
+from parameternet_llm.training.recipe import (
+    RecipeError,
+    load_recipe,
+    model_config,
+    read_recipe_file,
+    resume_changes,
+    validate_recipe,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,3 +122,22 @@ def test_a_recipe_that_is_not_utf8_is_named(tmp_path):
     recipe.write_bytes("output_dir: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(RecipeError, match="latin1.yaml' is not UTF-8 text"):
         load_recipe(recipe)
+
+
+def test_resume_changes_refuse_the_run_identity_and_list_the_rest():
+    sources = [{"name": "web", "weight": 1.0, "files": "x.jsonl"}]
+    saved = validate_recipe({"data": {"sources": sources}, "tokenizer": {"path": "tok"}})
+    recipe = copy.deepcopy(saved)
+    recipe["data"]["seq_len"] = 128
+    recipe["data"]["skip_blocks"] = 10
+    recipe["train"]["lr"] = 1.0e-5
+    recipe["train"]["trackers"] = ["tensorboard"]
+    config = {"hidden_size": 64, "transformers_version": "5.0"}
+    refused, applied = resume_changes(saved, recipe, config, {**config, "hidden_size": 32, "transformers_version": "6"})
+    assert refused == ["data.seq_len: 256 -> 128", "model config.hidden_size: 64 -> 32"]
+    assert applied == [
+        "data.skip_blocks: 0 -> 10 (no effect on a resumed run)",
+        "train.lr: 0.0003 -> 1e-05",
+        "train.trackers: [] -> ['tensorboard']",
+    ]
+    assert resume_changes(saved, copy.deepcopy(saved), config, dict(config)) == ([], [])

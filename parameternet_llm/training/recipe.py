@@ -413,7 +413,7 @@ RUN_IDENTITY = (
 FRESH_START_ONLY = ("model", "data.skip_blocks", "train.resume", "output_dir")
 # Config entries that do not describe the model.
 CONFIG_BOOKKEEPING = {"transformers_version", "_name_or_path"}
-UNSET = "(unset)"
+UNSET = object()
 
 
 def flat_items(prefix: str, value) -> dict:
@@ -426,8 +426,12 @@ def flat_items(prefix: str, value) -> dict:
 def differences(before: dict, after: dict, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted key, 'old -> new') for every leaf that differs between two nested mappings."""
     old, new = flat_items(prefix, before), flat_items(prefix, after)
+
+    def shown(value) -> str:
+        return "(unset)" if value is UNSET else repr(value)
+
     return [
-        (key, f"{old.get(key, UNSET)!r} -> {new.get(key, UNSET)!r}".replace(repr(UNSET), UNSET))
+        (key, f"{shown(old.get(key, UNSET))} -> {shown(new.get(key, UNSET))}")
         for key in sorted(old.keys() | new.keys())
         if old.get(key, UNSET) != new.get(key, UNSET)
     ]
