@@ -19,6 +19,7 @@ def load_config(target: str, overrides: list[str]):
 
     from parameternet_llm.configuration_parameternet_llama import ParameterNetLlamaConfig
     from parameternet_llm.presets import MODEL_SHAPES
+    from parameternet_llm.saved_models import CheckpointError, brief, read_config_dict
     from parameternet_llm.training.recipe import RecipeError, apply_overrides, load_recipe, model_config
 
     if target in MODEL_SHAPES:
@@ -39,10 +40,13 @@ def load_config(target: str, overrides: list[str]):
         if tokenizer is not None and has_tokenizer(tokenizer):
             vocab = len(load_tokenizer(tokenizer))
         return model_config(recipe["model"], recipe["data"]["seq_len"], {"vocab_size": vocab} if vocab else None)
-    config_dict = apply_overrides(json.loads((path / "config.json" if path.is_dir() else path).read_text()), overrides)
-    if config_dict.get("model_type") == ParameterNetLlamaConfig.model_type:
-        return ParameterNetLlamaConfig.from_dict(config_dict)
-    return AutoConfig.for_model(**config_dict)
+    config_dict = apply_overrides(read_config_dict(path), overrides)
+    try:
+        if config_dict.get("model_type") == ParameterNetLlamaConfig.model_type:
+            return ParameterNetLlamaConfig.from_dict(config_dict)
+        return AutoConfig.for_model(**config_dict)
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as error:
+        raise CheckpointError(f"{target}: not a config transformers can build ({brief(error)})") from error
 
 
 def info(args: argparse.Namespace) -> None:

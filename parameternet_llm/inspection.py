@@ -7,6 +7,7 @@ import torch
 from .accounting import count_parameters, flops_per_token
 from .errors import InputError
 from .presets import is_parameternet
+from .saved_models import load_saved_config
 
 
 def describe(config) -> list[str]:
@@ -63,12 +64,8 @@ def routing_on_text(checkpoint: Path, text_file: Path, seq_len: int, max_tokens:
 
 
 def inspect_checkpoint(checkpoint: str | Path, text_file: str | Path | None, seq_len: int, max_tokens: int) -> str:
-    from transformers import AutoConfig
-
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.json").is_file():
-        raise InputError(f"{str(checkpoint)!r} is not a checkpoint directory (no config.json)")
-    lines = describe(AutoConfig.from_pretrained(checkpoint, trust_remote_code=True))
+    lines = describe(load_saved_config(checkpoint))
     if text_file is not None:
         lines += [""] + routing_on_text(checkpoint, Path(text_file), seq_len, max_tokens)
     return "\n".join(lines)

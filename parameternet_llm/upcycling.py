@@ -30,6 +30,7 @@ from .configuration_parameternet_llama import MOE_PROJECTIONS, ParameterNetLlama
 from .errors import InputError
 from .modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 from .presets import ROUTING_FIELDS
+from .saved_models import read_config_dict
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
@@ -81,13 +82,7 @@ class UpcycleOptions:
 
 def read_checkpoint_config(checkpoint_dir: str | Path) -> LlamaConfig:
     """The config of a dense LLaMA or a ParameterNet checkpoint directory; anything else is refused by name."""
-    path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise UpcycleError(f"{checkpoint_dir} is not a checkpoint directory: it has no config.json")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UpcycleError(f"{path} is not valid JSON: {error}") from error
+    raw = read_config_dict(checkpoint_dir)
     model_type = raw.get("model_type")
     if model_type == ParameterNetLlamaConfig.model_type:
         return ParameterNetLlamaConfig.from_pretrained(checkpoint_dir)

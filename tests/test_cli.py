@@ -33,3 +33,25 @@ def test_help_imports_nothing_heavy(arguments):
     assert result.returncode == 0, result.stderr
     assert "usage: parameternet-llm" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("command", [["info"], ["inspect"], ["eval", "--output", "scores"], ["upcycle", "out"]])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (None, "is not a checkpoint directory: it has no config.json"),
+        ("{bad", "config.json is not valid JSON"),
+        ("[1, 2]", "config.json holds no mapping of config fields"),
+    ],
+)
+def test_a_broken_checkpoint_is_named_in_one_line(tmp_path, monkeypatch, command, config, message):
+    from parameternet_llm_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    if config is not None:
+        (tmp_path / "ckpt" / "config.json").write_text(config)
+    with pytest.raises(SystemExit) as exit:
+        main([command[0], "ckpt", *command[1:]])
+    assert str(exit.value).startswith("error: ckpt") and message in str(exit.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written

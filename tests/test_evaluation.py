@@ -168,13 +168,21 @@ def test_paper_tasks_offline_fail_fast_with_advice(checkpoint, tmp_path):
     "checkpoints, tasks, message",
     [
         (["{ckpt}"], ["pnet_arcc"], "unknown task 'pnet_arcc'"),
-        (["{tmp}/missing"], ["pnet_arc"], "has no config.json"),
+        (["{tmp}/missing"], ["pnet_arc"], "missing does not exist"),
+        (["{tmp}/empty"], ["pnet_arc"], "empty is not a checkpoint directory: it has no config.json"),
+        (["{tmp}/broken"], ["pnet_arc"], "broken/config.json is not valid JSON"),
+        (["{tmp}/alien"], ["pnet_arc"], "alien/config.json cannot be read as a config: .*no_such_model"),
     ],
 )
 def test_bad_eval_input_is_named(checkpoint, tmp_path, checkpoints, tasks, message):
+    for name, text in {"empty": None, "broken": "{bad", "alien": '{"model_type": "no_such_model"}'}.items():
+        (tmp_path / name).mkdir()
+        if text is not None:
+            (tmp_path / name / "config.json").write_text(text)
     paths = [c.format(ckpt=checkpoint, tmp=tmp_path) for c in checkpoints]
-    with pytest.raises(EvalError, match=message):
+    with pytest.raises(InputError, match=message):
         evaluate(paths, tasks, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def write_sentiment(path: Path, count: int, seed: int) -> Path:

@@ -10,6 +10,7 @@ import torch
 
 from ..accounting import count_parameters, flops_per_token
 from ..errors import InputError
+from ..saved_models import load_saved_config
 from ..training.metrics import read_metrics
 from .offline_tasks import TASK_NAMES
 
@@ -126,9 +127,8 @@ def evaluate_checkpoint(
     checkpoint: Path, tasks: list[str], manager, batch_size: int, limit: int | None, seq_len: int | None
 ) -> dict:
     import lm_eval
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+    config = load_saved_config(checkpoint)
     params = count_parameters(config)
     results = lm_eval.simple_evaluate(
         model="hf",
@@ -210,8 +210,7 @@ def evaluate(
     read from `offline_tasks_dir` (a copy of the shipped folder may hold the questions of another world)."""
     paths = [Path(checkpoint) for checkpoint in checkpoints]
     for path in paths:
-        if not (path / "config.json").is_file():
-            raise EvalError(f"checkpoint {str(path)!r} has no config.json: not a saved model directory")
+        load_saved_config(path)
         check_finite_weights(path)
     manager = task_manager(include_path, offline_tasks_dir)
     check_tasks(manager, tasks)
