@@ -132,8 +132,40 @@ def finetune_sst2_command(args: argparse.Namespace) -> None:
 def demo_command(args: argparse.Namespace) -> None:
     from parameternet_llm.demo.run import run_demo
 
-    seeds = None if args.seeds is None else tuple(int(seed) for seed in args.seeds.split(","))
-    run_demo(args.output, args.preset, seeds)
+    run_demo(args.output, args.preset, args.seeds)
+
+
+def at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return integer
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """`0,1,2` -> (0, 1, 2)."""
+    try:
+        return tuple(int(seed) for seed in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def router_init_std(text: str) -> float | None:
@@ -236,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--output", default="runs/demo", help="directory for everything the demo writes")
     command.add_argument("--preset", help="cpu (default without a GPU), cpu-table7 or gpu (default with one)")
-    command.add_argument("--seeds", help="comma-separated training seeds (default: the preset's, 0,1,2)")
+    command.add_argument(
+        "--seeds", type=seed_list, help="comma-separated training seeds (default: the preset's, 0,1,2)"
+    )
     command.set_defaults(handler=demo_command)
 
     command = commands.add_parser(
@@ -249,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="model shape name, checkpoint directory, config.json or recipe YAML",
     )
     command.add_argument("overrides", nargs="*", help="config fields as key=value (recipe keys as dotted.key=value)")
-    command.add_argument("--seq-len", type=int, default=2048, help="context length for attention FLOPs")
+    command.add_argument("--seq-len", type=at_least(1), default=2048, help="context length for attention FLOPs")
     command.set_defaults(handler=info)
 
     command = commands.add_parser(
@@ -268,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated lm-eval tasks (default: the paper's; offline: pnet_arc,pnet_boolq,pnet_hellaswag)",
     )
     command.add_argument("--include-path", help="extra lm-eval task folder (the offline tasks are always included)")
-    command.add_argument("--batch-size", type=int, default=8)
-    command.add_argument("--limit", type=int, help="score only the first N documents of each task")
-    command.add_argument("--seq-len", type=int, help="context length for FLOPs (default: the model's maximum)")
+    command.add_argument("--batch-size", type=at_least(1), default=8)
+    command.add_argument("--limit", type=at_least(1), help="score only the first N documents of each task")
+    command.add_argument("--seq-len", type=at_least(1), help="context length for FLOPs (default: the model's maximum)")
     command.add_argument("--output", required=True, help="directory for results.json and table.md")
     command.set_defaults(handler=evaluate_command)
 
@@ -279,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--output", required=True, help="directory for the fine-tuned classifier")
     command.add_argument("--train-file", help="local SST-2 training split (GLUE train.tsv, csv, jsonl, parquet)")
     command.add_argument("--validation-file", help="local SST-2 validation split (GLUE dev.tsv, ...)")
-    command.add_argument("--epochs", type=int, default=1)
-    command.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    command.add_argument("--lr", type=float, default=2e-5)
-    command.add_argument("--batch-size", type=int, default=16)
-    command.add_argument("--max-length", type=int, default=128)
+    command.add_argument("--epochs", type=at_least(1), default=1)
+    command.add_argument("--max-steps", type=at_least(1), help="stop after this many steps (overrides --epochs)")
+    command.add_argument("--lr", type=positive_float, default=2e-5)
+    command.add_argument("--batch-size", type=at_least(1), default=16)
+    command.add_argument("--max-length", type=at_least(2), default=128)
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=finetune_sst2_command)
 
@@ -291,28 +325,30 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="speed against the dense twin: one routed linear, a training step, or batch-1 decoding"
     )
     command.add_argument("what", choices=["layer", "train", "decode"])
-    command.add_argument("--experts", type=int, default=8)
-    command.add_argument("--repeats", type=int, help="timed repeats (median reported)")
+    command.add_argument("--experts", type=at_least(1), default=8)
+    command.add_argument("--repeats", type=at_least(1), help="timed repeats (median reported)")
     command.add_argument("--save", help="append the JSON result (with date and command) to this file")
-    command.add_argument("--tokens", type=int, default=16384, help="layer: tokens")
-    command.add_argument("--in-features", type=int, default=2048, help="layer: input width")
-    command.add_argument("--out-features", type=int, default=8192, help="layer: output width")
+    command.add_argument("--tokens", type=at_least(1), default=16384, help="layer: tokens")
+    command.add_argument("--in-features", type=at_least(1), default=2048, help="layer: input width")
+    command.add_argument("--out-features", type=at_least(1), default=8192, help="layer: output width")
     command.add_argument("--backends", default="auto", help="layer: comma-separated expert backends to time")
-    command.add_argument("--capacity-factor", type=float, help="layer: capacity factor (default dropless)")
+    command.add_argument("--capacity-factor", type=positive_float, help="layer: capacity factor (default dropless)")
     command.add_argument(
         "--shape",
         default=None,
         choices=["cpu-small", "llama-1b"],
         help="train/decode: model shape (default llama-1b on a GPU, cpu-small on a CPU)",
     )
-    command.add_argument("--batch-size", type=int, default=8, help="train: sequences per step")
-    command.add_argument("--seq-len", type=int, default=None, help="train: tokens per sequence (256 CPU, 2048 GPU)")
+    command.add_argument("--batch-size", type=at_least(1), default=8, help="train: sequences per step")
+    command.add_argument(
+        "--seq-len", type=at_least(2), default=None, help="train: tokens per sequence (256 CPU, 2048 GPU)"
+    )
     command.add_argument(
         "--projections", default="gate_proj,up_proj,down_proj", help="train/decode: routed projections"
     )
     command.add_argument("--backend", default="auto", help="train/decode: expert backend")
-    command.add_argument("--prompt-len", type=int, default=32, help="decode: prompt tokens")
-    command.add_argument("--new-tokens", type=int, default=128, help="decode: generated tokens")
+    command.add_argument("--prompt-len", type=at_least(1), default=32, help="decode: prompt tokens")
+    command.add_argument("--new-tokens", type=at_least(1), default=128, help="decode: generated tokens")
     command.set_defaults(handler=bench_command)
 
     command = commands.add_parser(
@@ -320,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("checkpoint", help="HF checkpoint directory")
     command.add_argument("--text", help="a text file: report each routed linear's expert loads and drops on it")
-    command.add_argument("--seq-len", type=int, default=256, help="tokens per block of the text")
-    command.add_argument("--max-tokens", type=int, default=32768, help="read at most this many tokens of the text")
+    command.add_argument("--seq-len", type=at_least(2), default=256, help="tokens per block of the text")
+    command.add_argument(
+        "--max-tokens", type=at_least(2), default=32768, help="read at most this many tokens of the text"
+    )
     command.set_defaults(handler=inspect_command)
 
     command = commands.add_parser(
@@ -329,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command.add_argument("dense_dir", help="LlamaForCausalLM checkpoint directory (safetensors, with its tokenizer)")
     command.add_argument("output_dir", help="directory for the ParameterNet checkpoint (must not exist or be empty)")
-    command.add_argument("--experts", type=int, default=8, help="experts per routed projection")
+    command.add_argument("--experts", type=at_least(2), default=8, help="experts per routed projection")
     command.add_argument("--projections", default="up_proj", help="comma-separated: gate_proj, up_proj, down_proj")
     command.add_argument("--layers", help="comma-separated decoder layers to route (default: all)")
     command.add_argument(
@@ -357,15 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = commands.add_parser("make-corpus", help="generate the embedded corpus (JSONL) and its world")
     command.add_argument("--output", required=True, help="directory to write")
-    command.add_argument("--num-tokens", type=int, default=3_000_000, help="approximate size in tokens")
+    command.add_argument("--num-tokens", type=at_least(1000), default=3_000_000, help="approximate size in tokens")
     command.add_argument("--seed", type=int, default=0)
     command.set_defaults(handler=make_corpus)
 
     command = commands.add_parser("train-tokenizer", help="train a LLaMA-style SentencePiece BPE tokenizer")
     command.add_argument("--files", nargs="+", required=True, help="jsonl / json / parquet / txt files or globs")
     command.add_argument("--output", required=True, help="directory for the transformers tokenizer")
-    command.add_argument("--vocab-size", type=int, default=8000)
-    command.add_argument("--max-documents", type=int, default=50_000)
+    command.add_argument("--vocab-size", type=at_least(1), default=8000)
+    command.add_argument("--max-documents", type=at_least(1), default=50_000)
     command.add_argument("--text-field", default="text")
     command.set_defaults(handler=train_tokenizer_command)
     return parser

@@ -55,3 +55,26 @@ def test_a_broken_checkpoint_is_named_in_one_line(tmp_path, monkeypatch, command
         main([command[0], "ckpt", *command[1:]])
     assert str(exit.value).startswith("error: ckpt") and message in str(exit.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["demo", "--seeds", "a,b"], "argument --seeds: 'a,b' is not a comma-separated list of integers"),
+        (["eval", "ckpt", "--output", "o", "--limit", "0"], "argument --limit: must be >= 1, got 0"),
+        (["eval", "ckpt", "--output", "o", "--batch-size", "-2"], "argument --batch-size: must be >= 1, got -2"),
+        (["inspect", "ckpt", "--seq-len", "0"], "argument --seq-len: must be >= 2, got 0"),
+        (["make-corpus", "--output", "c", "--num-tokens", "-5"], "argument --num-tokens: must be >= 1000, got -5"),
+        (["bench", "layer", "--tokens", "x"], "argument --tokens: 'x' is not an integer"),
+        (["finetune-sst2", "ckpt", "--output", "o", "--lr", "nan"], "argument --lr: must be a finite number > 0"),
+        (["upcycle", "dense", "out", "--experts", "1"], "argument --experts: must be >= 2, got 1"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, arguments, message):
+    from parameternet_llm_cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        main(arguments)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -107,3 +107,10 @@ def test_cli_makes_corpus_and_trains_tokenizer(tmp_path, capsys):
 def test_unknown_tokenizer_is_named(tmp_path):
     with pytest.raises(TokenizerError, match="no/such/tokenizer"):
         load_tokenizer(tmp_path / "no/such/tokenizer")
+
+
+def test_a_vocabulary_too_small_for_the_characters_is_named_and_leaves_nothing(tmp_path):
+    texts = ["".join(chr(code) for code in range(0x41, 0x41 + 60)) + " and more"] * 20
+    with pytest.raises(TokenizerError, match="training a 10-piece tokenizer for .* failed: Vocabulary size is smaller"):
+        train_tokenizer(texts, tmp_path / "tokenizer", vocab_size=10)
+    assert not list(tmp_path.iterdir())
