@@ -21,7 +21,15 @@ from safetensors.torch import load_file
 from parameternet_llm.errors import InputError
 from parameternet_llm.training.metrics import read_metrics as read_metrics_file
 from parameternet_llm.training.recipe import load_recipe
-from parameternet_llm.training.train import DropWatch, StarvationWatch, Trainer, checkpoints, run, tracker_values
+from parameternet_llm.training.train import (
+    DropWatch,
+    StarvationWatch,
+    Trainer,
+    checkpoint_problem,
+    checkpoints,
+    run,
+    tracker_values,
+)
 
 METRIC_KEYS = {
     "step",
@@ -390,6 +398,29 @@ def test_a_torn_last_metrics_line_is_skipped_and_dropped_on_resume(small_world, 
         read_metrics_file(out / "metrics.jsonl")
 
 
+def flip_a_byte(path: Path, at: int) -> None:
+    with path.open("r+b") as stream:
+        stream.seek(at)
+        byte = stream.read(1)
+        stream.seek(at)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin", "recipe.json", "data_state_rank0.json"])
+def test_a_checkpoint_with_a_changed_byte_is_found_damaged_and_passed_over(small_world, tmp_path, caplog, name):
+    _, recipes = small_world
+    out = tmp_path / "flipped"
+    overrides = [f"output_dir={out}", "train.max_steps=4", "train.save_every=2", "train.resume=auto"]
+    run(str(recipes["tiny"]), overrides)
+    newest = checkpoints(out / "checkpoints")[-1]
+    flip_a_byte(newest / name, (newest / name).stat().st_size // 2)
+    shutil.rmtree(out / "final")
+    with caplog.at_level("WARNING"):
+        summary = run(str(recipes["tiny"]), overrides)
+    assert f"{newest.name} is damaged ({name} has other contents than when saved" in caplog.text
+    assert summary["step"] == 4 and (out / "final" / "model.safetensors").is_file()
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(small_world, tmp_path, caplog):
     _, recipes = small_world
     out = tmp_path / "damaged"
@@ -571,3 +602,12 @@ def test_a_full_disk_while_writing_the_final_model_is_named(small_world, tmp_pat
     with pytest.raises(InputError, match=f"disk full while writing {out / 'final'} .*step-00000004"):
         trainer.run()
     assert not (out / "final").exists() and not (out / ".saving-final").exists()
+
+
+def test_a_manifest_of_sizes_only_is_still_checked(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"step": 2}')
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    (tmp_path / "manifest.json").write_text(json.dumps({"trainer_state.json": 11, "model.safetensors": 10}))
+    assert checkpoint_problem(tmp_path) is None
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 9)
+    assert checkpoint_problem(tmp_path) == "model.safetensors has 9 bytes, 10 when saved"

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -210,20 +211,32 @@ def resolve_resume(resume, output_dir: Path) -> Path | None:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """What is wrong with a checkpoint, against the sizes its manifest recorded when it was saved (None: intact)."""
+    """What is wrong with a checkpoint, against the size and CRC-32 of each file its manifest recorded when it was
+    saved (None: intact). Manifests of earlier versions recorded sizes only."""
     manifest = path / CHECKPOINT_MANIFEST
     try:
         json.loads((path / "trainer_state.json").read_text())
-        sizes = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    except (OSError, json.JSONDecodeError) as error:
+        recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         return f"unreadable trainer state or manifest: {error}"
-    for name, size in sizes.items():
+    for name, record in recorded.items():
         file = path / name
+        size, crc = (record, None) if isinstance(record, int) else (record["size"], record["crc32"])
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} when saved"
+        if crc is not None and file_crc32(file) != crc:
+            return f"{name} has other contents than when saved (CRC-32 differs)"
     return None
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def mixed_precision(choice: str) -> str:
@@ -352,11 +365,13 @@ class Trainer:
                     json.dumps({"recipe": self.recipe, "model_config": self.config.to_dict()}, indent=1)
                 )
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:  # the sizes a resume checks the files against
-                sizes = {
-                    str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()
+            if accelerator.is_main_process:  # what a resume checks the files against
+                recorded = {
+                    str(f.relative_to(staging)): {"size": f.stat().st_size, "crc32": file_crc32(f)}
+                    for f in sorted(staging.rglob("*"))
+                    if f.is_file()
                 }
-                (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(sizes, indent=1))
+                (staging / CHECKPOINT_MANIFEST).write_text(json.dumps(recorded, indent=1))
         if accelerator.is_main_process:
             if final.exists():
                 shutil.rmtree(final)
