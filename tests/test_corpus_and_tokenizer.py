@@ -5,6 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from parameternet_llm.demo import corpus as corpus_module
 from parameternet_llm.demo.corpus import SOURCES, World, generate_corpus
 from parameternet_llm.training.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 from parameternet_llm_cli import main
@@ -29,6 +30,24 @@ def test_corpus_is_deterministic_and_seeded(corpus, tmp_path):
     for source in SOURCES:
         assert read_source(corpus, source) == read_source(again, source)
         assert read_source(corpus, source) != read_source(other, source)
+
+
+def test_a_corpus_is_reused_only_when_complete_and_made_with_the_same_arguments(tmp_path, monkeypatch):
+    path = tmp_path / "corpus"
+    generate_corpus(path, num_tokens=20_000, seed=3, world_scale=1, shards_per_source=6)
+    made = (path / "manifest.json").stat().st_mtime_ns
+    generate_corpus(path, num_tokens=20_000, seed=3, world_scale=1, shards_per_source=6)
+    assert (path / "manifest.json").stat().st_mtime_ns == made  # reused, world_scale included
+    generate_corpus(path, num_tokens=20_000, seed=3, world_scale=1, shards_per_source=2)
+    assert sorted(p.name for p in (path / "web").iterdir()) == ["web-000.jsonl", "web-001.jsonl"]  # no stale shards
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(corpus_module.WRITERS, "wiki", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(path, num_tokens=20_000, seed=3, world_scale=1, shards_per_source=6)
+    assert not (path / "manifest.json").exists()  # the next call makes it again
 
 
 def test_corpus_size_and_proportions(corpus):

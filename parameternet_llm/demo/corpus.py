@@ -515,7 +515,7 @@ def generate_corpus(
         "num_tokens": num_tokens,
         "seed": seed,
         "shards_per_source": shards_per_source,
-        "world_scale": WORLD_SCALE,
+        "world_scale": world_scale,
     }
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -523,6 +523,7 @@ def generate_corpus(
             return output_dir
     world = World.generate(seed, world_scale)
     output_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # written last: a corpus interrupted midway is never taken as complete
     (output_dir / "world.json").write_text(world.to_json())
     documents = {}
     for source in SOURCES:
@@ -530,6 +531,8 @@ def generate_corpus(
         word_budget = num_tokens * SOURCE_WEIGHTS[source] / TOKENS_PER_WORD
         source_dir = output_dir / source
         source_dir.mkdir(exist_ok=True)
+        for stale in source_dir.glob(f"{source}-*.jsonl"):  # of an earlier corpus, perhaps with more shards
+            stale.unlink()
         shards = [[] for _ in range(shards_per_source)]
         words = count = 0
         while words < word_budget:
