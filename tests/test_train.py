@@ -546,7 +546,10 @@ def test_heavy_drops_are_warned_about_naming_the_capacity(small_world, tmp_path,
     _, recipes = small_world
     out = tmp_path / "crowded"
     with caplog.at_level("WARNING"):
-        run(str(recipes["tiny"]), [f"output_dir={out}", "train.max_steps=6", "model.capacity_factor=0.1"])
+        run(
+            str(recipes["tiny"]),
+            [f"output_dir={out}", "train.max_steps=6", "model.capacity_factor=0.1", "train.starved_expert_steps=4"],
+        )
     logged = read_metrics(out)
     assert all(min(record["dropped"].values()) > 0.5 for record in logged)
     warned = [r.getMessage() for r in caplog.records if "has dropped over half its tokens" in r.getMessage()]
@@ -558,11 +561,12 @@ def test_heavy_drops_are_warned_about_naming_the_capacity(small_world, tmp_path,
     assert max(read_metrics(tmp_path / "usual")[-1]["dropped"].values()) < 0.5
 
 
-def test_a_single_window_of_heavy_drops_is_not_warned_about():
+def test_heavy_drops_are_warned_about_only_when_they_last():
     config = SimpleNamespace(capacity_factor=1.25, num_experts=4, min_capacity=4)
-    watch = DropWatch(config, micro_batch_tokens=256)
-    assert watch.update({"up": 0.6}, 10) == [] and watch.update({"up": 0.2}, 10) == []
-    assert watch.update({"up": 0.6}, 10) == []
+    watch = DropWatch(30, config, micro_batch_tokens=256)
+    assert watch.update({"up": 0.6}, 10) == [] and watch.update({"up": 0.6}, 10) == []
+    assert watch.update({"up": 0.2}, 10) == []  # recovered: the count starts again
+    assert watch.update({"up": 0.6}, 10) == [] and watch.update({"up": 0.6}, 10) == []
     assert len(watch.update({"up": 0.7}, 10)) == 1
     assert watch.update({"up": 0.7}, 10) == []  # once
 

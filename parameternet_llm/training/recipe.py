@@ -72,7 +72,8 @@ DEFAULTS: dict[str, Any] = {
         # Switch load balancing on each micro-batch's statistics ("micro") or on the global batch's, all processes and
         # accumulation steps ("global"; one extra forward without gradients per micro-batch).
         "router_aux_loss_scope": "micro",
-        # Warn when an expert gets under a tenth of its balanced share of tokens for this many steps.
+        # Warn when an expert gets under a tenth of its balanced share of tokens, or a routed linear drops over half
+        # its tokens, for this many steps.
         "starved_expert_steps": 200,
         "save_every": 500,
         "keep_checkpoints": 2,

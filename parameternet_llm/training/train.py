@@ -488,7 +488,9 @@ class Trainer:
         if self.resumed_window is not None:
             window.load_state_dict(self.resumed_window)
         starvation = StarvationWatch(train["starved_expert_steps"])
-        drops = DropWatch(self.config, train["micro_batch_size"] * recipe["data"]["seq_len"])
+        drops = DropWatch(
+            train["starved_expert_steps"], self.config, train["micro_batch_size"] * recipe["data"]["seq_len"]
+        )
         self.model.train()
         finished = self.output_dir / "summary.json"
         if self.step == train["max_steps"] and finished.is_file() and (self.output_dir / "final").is_dir():
@@ -740,23 +742,22 @@ class StarvationWatch:
 
 
 class DropWatch:
-    """Warns once per routed linear that drops more than half its tokens in two logging windows in a row (a
-    single window may, while the routers are young), naming the capacity that makes it drop them."""
+    """Warns once per routed linear that drops more than half its tokens for `patience` steps (young routers may for
+    a while), naming the capacity that makes it drop them; checked at every logging step."""
 
     heavy = 0.5
 
-    def __init__(self, config, micro_batch_tokens: int):
-        self.config, self.micro_batch_tokens = config, micro_batch_tokens
-        self.heavy_for: dict[str, int] = {}  # steps of consecutive heavy windows
+    def __init__(self, patience: int, config, micro_batch_tokens: int):
+        self.patience, self.config, self.micro_batch_tokens = patience, config, micro_batch_tokens
+        self.heavy_for: dict[str, int] = {}
         self.warned: set[str] = set()
 
     def update(self, dropped: dict[str, float] | None, steps: int) -> list[str]:
-        """The warnings due for the dropped shares of a window of `steps` steps."""
+        """Count `steps` more for every routed linear dropping heavily; the warnings due now."""
         warnings = []
         for linear, share in (dropped or {}).items():
-            before = self.heavy_for.get(linear, 0)
-            self.heavy_for[linear] = before + steps if share > self.heavy else 0
-            if before and share > self.heavy and linear not in self.warned:
+            self.heavy_for[linear] = self.heavy_for.get(linear, 0) + steps if share > self.heavy else 0
+            if self.heavy_for[linear] >= self.patience and linear not in self.warned:
                 self.warned.add(linear)
                 config, tokens = self.config, self.micro_batch_tokens
                 room = max(config.min_capacity, math.ceil(config.capacity_factor * tokens / config.num_experts))
