@@ -67,19 +67,10 @@ def info(args: argparse.Namespace) -> None:
 
 def pretrain(args: argparse.Namespace) -> None:
     from parameternet_llm.training.recipe import load_recipe
-    from parameternet_llm.training.train import run
+    from parameternet_llm.training.train import finished_message, run
 
     output_dir = Path(load_recipe(args.recipe, args.overrides)["output_dir"])
-    summary = run(args.recipe, args.overrides)
-    final = summary.get("final") or {}
-    losses = ", ".join(f"{key} {final[key]:.4f}" for key in ("lm_loss", "val_loss") if final.get(key) is not None)
-    print(
-        f"trained to step {summary['step']}" + (f" ({losses})" if losses else "") + f"; the model is in "
-        f"{output_dir / 'final'}: AutoModelForCausalLM.from_pretrained({str(output_dir / 'final')!r}, "
-        f"trust_remote_code=True), or `parameternet-llm eval {output_dir / 'final'} --tasks "
-        f"pnet_arc,pnet_boolq,pnet_hellaswag --output {output_dir / 'scores'}`; metrics in "
-        f"{output_dir / 'metrics.jsonl'}"
-    )
+    print(finished_message(output_dir, run(args.recipe, args.overrides)))
 
 
 def make_corpus(args: argparse.Namespace) -> None:

@@ -141,6 +141,8 @@ def test_killed_run_resumes_with_the_losses_of_an_uninterrupted_run(small_world,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {killed / 'checkpoints'}" in result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("trained to step 24 (lm_loss ")
+    assert f"the model is in {killed / 'final'}" in result.stdout
     resumed = read_metrics(killed)
     assert [m["step"] for m in resumed] == [m["step"] for m in expected]
     for got, want in zip(resumed, expected, strict=True):

@@ -814,6 +814,19 @@ def run(recipe_path: str, overrides: list[str]) -> dict:
     return Trainer(load_recipe(recipe_path, overrides)).run()
 
 
+def finished_message(output_dir: Path, summary: dict) -> str:
+    """What a finished run says: its last losses, where the model is and how to load and score it."""
+    final = summary.get("final") or {}
+    losses = ", ".join(f"{key} {final[key]:.4f}" for key in ("lm_loss", "val_loss") if final.get(key) is not None)
+    return (
+        f"trained to step {summary['step']}" + (f" ({losses})" if losses else "") + f"; the model is in "
+        f"{output_dir / 'final'}: AutoModelForCausalLM.from_pretrained({str(output_dir / 'final')!r}, "
+        f"trust_remote_code=True), or `parameternet-llm eval {output_dir / 'final'} --tasks "
+        f"pnet_arc,pnet_boolq,pnet_hellaswag --output {output_dir / 'scores'}`; metrics in "
+        f"{output_dir / 'metrics.jsonl'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m parameternet_llm.training",
@@ -824,6 +837,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides as dotted.key=value")
     args = parser.parse_args(argv)
     try:
-        run(args.config, args.overrides)
+        recipe = load_recipe(args.config, args.overrides)
+        summary = Trainer(recipe).run()
     except InputError as error:  # names the culprit; no traceback needed
         raise SystemExit(f"error: {error}") from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(finished_message(Path(recipe["output_dir"]), summary))
