@@ -403,12 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.command_line = ["parameternet-llm", *(sys.argv[1:] if argv is None else argv)]
-    from parameternet_llm.errors import InputError
+    from parameternet_llm.errors import user_message
 
     try:
         args.handler(args)
-    except InputError as error:
-        sys.exit(f"error: {error}")
+    except (ValueError, OSError) as error:  # InputError is a ValueError
+        message = user_message(error)
+        if message is None:
+            raise
+        sys.exit(message)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,24 @@ def test_bad_numbers_are_refused_before_anything_runs(tmp_path, monkeypatch, cap
         main(arguments)
     assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_is_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from parameternet_llm.demo import corpus
+    from parameternet_llm_cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(corpus, "generate_corpus", full)
+    with pytest.raises(SystemExit, match=r"^error: disk full: \[Errno 28\] No space left on device"):
+        main(["make-corpus", "--output", str(tmp_path / "c")])
+
+    def missing(*args, **kwargs):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(corpus, "generate_corpus", missing)
+    with pytest.raises(OSError, match="I/O error"):
+        main(["make-corpus", "--output", str(tmp_path / "c")])

@@ -617,3 +617,20 @@ def test_a_manifest_of_sizes_only_is_still_checked(tmp_path):
     assert checkpoint_problem(tmp_path) is None
     (tmp_path / "model.safetensors").write_bytes(b"x" * 9)
     assert checkpoint_problem(tmp_path) == "model.safetensors has 9 bytes, 10 when saved"
+
+
+def test_a_full_disk_while_logging_is_named(small_world, tmp_path, monkeypatch):
+    _, recipes = small_world
+    out = tmp_path / "full-log"
+    trainer = Trainer(load_recipe(recipes["tiny"], [f"output_dir={out}", "train.max_steps=8"]))
+    real_open = Path.open
+
+    def open_until_step_6(path, mode="r", *args, **kwargs):
+        if path.name == "metrics.jsonl" and mode == "a" and trainer.step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_until_step_6)
+    with pytest.raises(InputError, match="disk full while logging step 6 .*last good checkpoint is .*step-00000004"):
+        trainer.run()
+    assert not (out / ".lock").exists() and (out / "metrics.jsonl").is_file()

@@ -403,7 +403,7 @@ def test_accelerate_launch_trains_and_resumes_from_an_upcycled_checkpoint(traine
         (["model.num_experts=1"], "num_experts=1: upcycling needs at least 2"),
         (["model.upcycling={drop_fraction: 1.5}"], "drop_fraction=1.5 must be in [0, 1)"),
         (["model.upcycling={dropout: 0.1}"], "unknown recipe key 'model.upcycling.dropout'"),
-        (["model.init_from=/nonexistent"], "model.init_from='/nonexistent': /nonexistent is not a checkpoint"),
+        (["model.init_from=/nonexistent"], "model.init_from='/nonexistent': /nonexistent does not exist"),
     ],
 )
 def test_bad_init_from_recipes_fail_before_training(trained_dense, tmp_path, overrides, message):

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..accounting import flops_per_token
-from ..errors import InputError
+from ..errors import InputError, user_message
 from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 from ..presets import is_parameternet
 from ..upcycling import read_checkpoint_config, upcycled_model
@@ -381,20 +381,21 @@ class Trainer:
         accelerator.wait_for_everyone()
 
     @contextmanager
-    def saving(self, what: str, staging: Path):
-        """Turn a failure to write `staging` (a full disk shows as torch's 'unexpected pos') into an error that
-        says so and names the last good checkpoint; the partial files are removed."""
+    def saving(self, what: str, written: Path):
+        """Turn a failure to write `written` (a full disk shows as torch's 'unexpected pos') into an error that
+        says so and names the last good checkpoint; a partly written directory is removed."""
         try:
             yield
         except (OSError, RuntimeError) as error:
-            free = shutil.disk_usage(staging.parent).free
-            shutil.rmtree(staging, ignore_errors=True)
+            free = shutil.disk_usage(written.parent).free
+            if written.is_dir():
+                shutil.rmtree(written, ignore_errors=True)
             full = getattr(error, "errno", None) == errno.ENOSPC or free < DISK_NEARLY_FULL
             good = checkpoints(self.output_dir / "checkpoints")
             raise SaveError(
                 f"{'disk full while ' if full else ''}{what} ({error.__class__.__name__}: "
                 f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}; {free / 2**20:.1f} MiB free "
-                f"on the disk of {staging.parent}); "
+                f"on the disk of {written.parent}); "
                 + (f"the last good checkpoint is {good[-1]}" if good else "no checkpoint had been saved yet")
                 + ". Free some space, then resume with train.resume=auto"
             ) from error
@@ -541,7 +542,7 @@ class Trainer:
                 self.stop_if_diverged(window)
                 record["val_loss"] = self.validation_loss() if evaluate_now and self.data.validation else None
                 if accelerator.is_main_process:
-                    with metrics_path.open("a") as stream:
+                    with self.saving(f"logging step {self.step}", metrics_path), metrics_path.open("a") as stream:
                         stream.write(json.dumps(record) + "\n")
                     progress.set_postfix(
                         loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
@@ -839,7 +840,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         recipe = load_recipe(args.config, args.overrides)
         summary = Trainer(recipe).run()
-    except InputError as error:  # names the culprit; no traceback needed
-        raise SystemExit(f"error: {error}") from None
+    except (ValueError, OSError) as error:  # InputError is a ValueError
+        message = user_message(error)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(finished_message(Path(recipe["output_dir"]), summary))
