@@ -299,6 +299,12 @@ def build_pretraining_data(
         documents = training_documents(opened, seed, validation_documents, rank, world_size)
         return tokenize_documents(documents, tokenizer)
 
+    for source, stream in opened:
+        if next(iter(split_validation(stream, validation_documents)[0]), None) is None:
+            raise DataError(
+                f"data source {source.name!r} has no documents left for training past the {validation_documents} "
+                "held out for validation: lower data.validation_documents"
+            )
     validation = []
     if validation_blocks > 0:
         held_out = [split_validation(stream, validation_documents)[1] for _, stream in opened]

@@ -250,6 +250,9 @@ def validate_recipe(raw: dict) -> dict:
         ("train.adam_eps", train["adam_eps"] > 0, "> 0"),
         ("eval.every", recipe["eval"]["every"] >= 1, ">= 1"),
         ("eval.batches", recipe["eval"]["batches"] >= 0, ">= 0"),
+        ("data.seq_len", recipe["data"]["seq_len"] >= 2, ">= 2"),
+        ("data.skip_blocks", recipe["data"]["skip_blocks"] >= 0, ">= 0"),
+        ("data.validation_documents", recipe["data"]["validation_documents"] >= 0, ">= 0"),
     ]
     for key, holds, expected in ranges:
         section, name = key.split(".")
@@ -273,10 +276,6 @@ def validate_recipe(raw: dict) -> dict:
             f"recipe key 'train.mixed_precision' must be one of {list(MIXED_PRECISION)}, got "
             f"{train['mixed_precision']!r}"
         )
-    if recipe["data"]["skip_blocks"] < 0:
-        raise RecipeError(f"recipe key 'data.skip_blocks' must be >= 0, got {recipe['data']['skip_blocks']}")
-    if recipe["data"]["seq_len"] < 2:
-        raise RecipeError(f"recipe key 'data.seq_len' must be >= 2, got {recipe['data']['seq_len']}")
     model_config(recipe["model"], recipe["data"]["seq_len"])  # model keys and values, before any work
     return recipe
 
@@ -329,7 +328,7 @@ def model_config(model_section: dict, seq_len: int, defaults: dict | None = None
         try:
             config = (LlamaConfig if dense else ParameterNetLlamaConfig)(**fields)
         except (ValueError, TypeError, StrictDataclassError) as error:
-            raise RecipeError(f"model section: {error}") from error
+            raise RecipeError(f"model section: {error.__cause__ or error}") from error
     if seq_len > config.max_position_embeddings:
         raise RecipeError(
             f"data.seq_len={seq_len} exceeds model.max_position_embeddings={config.max_position_embeddings}"
@@ -378,7 +377,7 @@ def init_from_config(init_from: str, dense: bool, fields: dict, upcycling: dict 
         config = ParameterNetLlamaConfig(**{**base.to_dict(), **fields})
         config.validate_routing()
     except (ValueError, TypeError, StrictDataclassError) as error:
-        raise RecipeError(f"model section: {error}") from error
+        raise RecipeError(f"model section: {error.__cause__ or error}") from error
     return config
 
 
