@@ -7,7 +7,7 @@ import torch
 from .accounting import count_parameters, flops_per_token
 from .errors import InputError
 from .presets import is_parameternet
-from .saved_models import load_saved_config
+from .saved_models import check_weights, load_saved_config
 
 
 def describe(config) -> list[str]:
@@ -45,6 +45,7 @@ def routing_on_text(checkpoint: Path, text_file: Path, seq_len: int, max_tokens:
     if len(ids) < seq_len:
         raise InputError(f"{text_file} has {len(ids)} tokens, fewer than --seq-len {seq_len}")
     blocks = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    check_weights(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     batches = blocks.split(batch_size)
     with torch.no_grad():

@@ -44,3 +44,25 @@ def brief(error: Exception, limit: int = 120) -> str:
     """An error's first line, cut at `limit` characters (transformers lists every model type it knows)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_weights(checkpoint: Path) -> None:
+    """Refuse a checkpoint whose weights are missing, unreadable, or NaN or infinite (a diverged run): nothing it
+    computes would mean anything."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {str(checkpoint)!r} holds no weights (*.safetensors)")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as opened:
+                for name in opened.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    if not torch.isfinite(opened.get_tensor(name)).all():
+                        raise CheckpointError(
+                            f"checkpoint {str(checkpoint)!r} has non-finite weights ({name} in {file.name}): the run "
+                            "that wrote it diverged; use an earlier checkpoint"
+                        )
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"weights file {file} is unreadable ({error}): the checkpoint is damaged") from error

@@ -172,6 +172,8 @@ def test_paper_tasks_offline_fail_fast_with_advice(checkpoint, tmp_path):
         (["{tmp}/empty"], ["pnet_arc"], "empty is not a checkpoint directory: it has no config.json"),
         (["{tmp}/broken"], ["pnet_arc"], "broken/config.json is not valid JSON"),
         (["{tmp}/alien"], ["pnet_arc"], "alien/config.json cannot be read as a config: .*no_such_model"),
+        (["{tmp}/config-only"], ["pnet_arc"], "config-only' holds no tokenizer"),
+        (["{tmp}/truncated"], ["pnet_arc"], "truncated/model.safetensors is unreadable .*the checkpoint is damaged"),
     ],
 )
 def test_bad_eval_input_is_named(checkpoint, tmp_path, checkpoints, tasks, message):
@@ -179,10 +181,22 @@ def test_bad_eval_input_is_named(checkpoint, tmp_path, checkpoints, tasks, messa
         (tmp_path / name).mkdir()
         if text is not None:
             (tmp_path / name / "config.json").write_text(text)
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(checkpoint / "config.json", tmp_path / "config-only")
+    shutil.copytree(checkpoint, tmp_path / "truncated")
+    with (tmp_path / "truncated" / "model.safetensors").open("r+b") as weights:
+        weights.truncate(5000)
     paths = [c.format(ckpt=checkpoint, tmp=tmp_path) for c in checkpoints]
     with pytest.raises(InputError, match=message):
         evaluate(paths, tasks, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_output_that_is_a_file_is_refused_before_scoring(checkpoint, tmp_path):
+    (tmp_path / "scores").write_text("mine")
+    with pytest.raises(InputError, match="--output .*scores' is a file, not a directory"):
+        evaluate([str(checkpoint)], ["pnet_arc"], tmp_path / "scores")
+    assert (tmp_path / "scores").read_text() == "mine"
 
 
 def write_sentiment(path: Path, count: int, seed: int) -> Path:
@@ -274,7 +288,7 @@ def test_a_checkpoint_with_non_finite_weights_is_not_scored(checkpoint, tmp_path
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0, 0] = float("nan")
     model.save_pretrained(diverged)
-    with pytest.raises(EvalError, match="has non-finite weights .*up_proj.weight"):
+    with pytest.raises(InputError, match="has non-finite weights .*up_proj.weight"):
         evaluate([str(diverged)], ["pnet_boolq"], tmp_path / "scores")
     assert not (tmp_path / "scores").exists()
 

@@ -10,8 +10,9 @@ import torch
 
 from ..accounting import count_parameters, flops_per_token
 from ..errors import InputError
-from ..saved_models import load_saved_config
+from ..saved_models import check_weights, load_saved_config
 from ..training.metrics import read_metrics
+from ..training.tokenizer import has_tokenizer
 from .offline_tasks import TASK_NAMES
 
 # The paper's zero-shot tasks (Table 7) by their lm-eval names; SST-2 is fine-tuned instead.
@@ -93,20 +94,6 @@ def check_tasks(manager, tasks: list[str]) -> None:
                 "cache (or copy a filled cache here and set HF_DATASETS_CACHE), or score the offline tasks "
                 "with --tasks pnet_arc,pnet_boolq,pnet_hellaswag."
             ) from error
-
-
-def check_finite_weights(checkpoint: Path) -> None:
-    """Refuse a checkpoint with NaN or infinite weights (a diverged run): its scores would mean nothing."""
-    from safetensors import safe_open
-
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as opened:
-            for name in opened.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if not torch.isfinite(opened.get_tensor(name)).all():
-                    raise EvalError(
-                        f"checkpoint {str(checkpoint)!r} has non-finite weights ({name} in {file.name}): the run that "
-                        "wrote it diverged; score an earlier checkpoint"
-                    )
 
 
 def run_summary(checkpoint: Path) -> dict:
@@ -209,13 +196,17 @@ def evaluate(
     """Score every checkpoint on every task; write output/results.json and output/table.md. The offline tasks are
     read from `offline_tasks_dir` (a copy of the shipped folder may hold the questions of another world)."""
     paths = [Path(checkpoint) for checkpoint in checkpoints]
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise EvalError(f"--output {str(output)!r} is a file, not a directory")
     for path in paths:
         load_saved_config(path)
-        check_finite_weights(path)
+        if not has_tokenizer(path):
+            raise EvalError(f"checkpoint {str(path)!r} holds no tokenizer (tokenizer.json or tokenizer.model)")
+        check_weights(path)
     manager = task_manager(include_path, offline_tasks_dir)
     check_tasks(manager, tasks)
     rows = [evaluate_checkpoint(path, tasks, manager, batch_size, limit, seq_len) for path in paths]
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps({"tasks": tasks, "rows": rows}, indent=1, default=str))
     (output / "table.md").write_text(format_table(rows, tasks))
