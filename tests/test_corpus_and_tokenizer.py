@@ -133,3 +133,12 @@ def test_a_vocabulary_too_small_for_the_characters_is_named_and_leaves_nothing(t
     with pytest.raises(TokenizerError, match="training a 10-piece tokenizer for .* failed: Vocabulary size is smaller"):
         train_tokenizer(texts, tmp_path / "tokenizer", vocab_size=10)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_tokenizer_directory_is_named_as_such(corpus, tmp_path):
+    texts = read_source(corpus, "wiki")[:300]
+    train_tokenizer(texts, tmp_path / "tokenizer", vocab_size=512)
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text('{"garbage": ')
+    (tmp_path / "tokenizer" / "tokenizer.model").write_bytes(b"bad")
+    with pytest.raises(TokenizerError, match="tokenizer directory .*tokenizer' is damaged"):
+        load_tokenizer(tmp_path / "tokenizer")

@@ -86,7 +86,10 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as error:
+        cause = f"{error.__class__.__name__}: {str(error).splitlines()[0]}"
+        if has_tokenizer(name_or_path):
+            raise TokenizerError(f"tokenizer directory {str(name_or_path)!r} is damaged ({cause})") from error
         raise TokenizerError(
             f"could not load tokenizer {str(name_or_path)!r}: not a tokenizer directory, and the hub id could "
-            f"not be resolved ({error.__class__.__name__}: {str(error).splitlines()[0]})"
+            f"not be resolved ({cause})"
         ) from error
