@@ -637,3 +637,21 @@ def test_a_full_disk_while_logging_is_named(small_world, tmp_path, monkeypatch):
     with pytest.raises(InputError, match="disk full while logging step 6 .*last good checkpoint is .*step-00000004"):
         trainer.run()
     assert not (out / ".lock").exists() and (out / "metrics.jsonl").is_file()
+
+
+def test_a_finished_run_with_a_damaged_final_model_or_summary_writes_them_again(small_world, tmp_path, caplog):
+    _, recipes = small_world
+    out = tmp_path / "finished"
+    overrides = [f"output_dir={out}", "train.max_steps=4", "train.save_every=2", "train.resume=auto"]
+    first = run(str(recipes["tiny"]), overrides)
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    with (out / "final" / "model.safetensors").open("r+b") as stream:
+        stream.truncate(1000)
+    (out / "summary.json").write_text('{"step": 4, "fin')
+    (out / ".lock").write_text("[1, 2]")  # a lock that is not one of ours is taken over
+    with caplog.at_level("WARNING"):
+        again = run(str(recipes["tiny"]), overrides)
+    assert "the finished run's summary or final/ is damaged" in caplog.text
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+    assert again["step"] == first["step"] == 4 and again["final"] == first["final"]
+    assert json.loads((out / "summary.json").read_text()) == again

@@ -32,6 +32,7 @@ from ..accounting import flops_per_token
 from ..errors import InputError, user_message
 from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM
 from ..presets import is_parameternet
+from ..saved_models import check_weights, load_saved_config
 from ..upcycling import read_checkpoint_config, upcycled_model
 from .balance import expert_counts, global_aux_loss
 from .data import Source, build_pretraining_data, open_recipe_sources, training_documents, unreadable_data
@@ -116,10 +117,12 @@ class OutputLock:
                 self.path.unlink(missing_ok=True)
 
     def holder(self) -> dict | None:
+        """Who holds the lock; None for a lock that is unreadable or not one of ours (taken over)."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            holder = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return None
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
 
     @staticmethod
     def alive(holder: dict) -> bool:
@@ -493,14 +496,14 @@ class Trainer:
             train["starved_expert_steps"], self.config, train["micro_batch_size"] * recipe["data"]["seq_len"]
         )
         self.model.train()
-        finished = self.output_dir / "summary.json"
-        if self.step == train["max_steps"] and finished.is_file() and (self.output_dir / "final").is_dir():
+        finished = self.finished_summary() if self.step == train["max_steps"] else None
+        if finished is not None:
             accelerator.print(
                 f"{self.output_dir} is already trained to train.max_steps={self.step}: nothing to do (raise "
                 "train.max_steps to continue it, or choose another output_dir)"
             )
             self.close()
-            return json.loads(finished.read_text())
+            return finished
         logged = read_metrics(metrics_path) if metrics_path.is_file() else []
         record = logged[-1] if logged and logged[-1]["step"] == self.step else {}  # when nothing is left to train
         global_balance = routed and train["router_aux_loss_scope"] == "global"
@@ -568,6 +571,19 @@ class Trainer:
         }
         self.save_final(summary)
         self.close()
+        return summary
+
+    def finished_summary(self) -> dict | None:
+        """The summary of a run that already wrote an intact final/ and summary.json; None if either is missing or
+        damaged (then both are written again from the last checkpoint)."""
+        try:
+            summary = json.loads((self.output_dir / "summary.json").read_text())
+            check_weights(self.output_dir / "final")
+            load_saved_config(self.output_dir / "final")
+        except (OSError, json.JSONDecodeError, InputError) as error:
+            if (self.output_dir / "summary.json").exists() or (self.output_dir / "final").exists():
+                logger.warning(f"the finished run's summary or final/ is damaged ({error}); writing them again")
+            return None
         return summary
 
     def stop_if_diverged(self, window: "Window") -> None:
