@@ -168,6 +168,8 @@ def test_paper_tasks_offline_fail_fast_with_advice(checkpoint, tmp_path):
     "checkpoints, tasks, message",
     [
         (["{ckpt}"], ["pnet_arcc"], "unknown task 'pnet_arcc'"),
+        (["{ckpt}"], [], "no task given"),
+        (["{ckpt}"], ["pnet_arc", "pnet_boolq", "pnet_arc"], "--tasks names pnet_arc more than once"),
         (["{tmp}/missing"], ["pnet_arc"], "missing does not exist"),
         (["{tmp}/empty"], ["pnet_arc"], "empty is not a checkpoint directory: it has no config.json"),
         (["{tmp}/broken"], ["pnet_arc"], "broken/config.json is not valid JSON"),

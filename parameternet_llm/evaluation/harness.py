@@ -75,7 +75,12 @@ def use_cache_only() -> None:
 
 
 def check_tasks(manager, tasks: list[str]) -> None:
-    """Every task must be known and its data loadable, before any model is loaded."""
+    """Every task must be known, named once and its data loadable, before any model is loaded."""
+    if not tasks:
+        raise EvalError("no task given (--tasks): name at least one, e.g. pnet_arc,pnet_boolq,pnet_hellaswag")
+    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
+    if repeated:
+        raise EvalError(f"--tasks names {', '.join(repeated)} more than once")
     for task in tasks:
         if task not in manager.all_tasks:
             raise EvalError(
