@@ -76,13 +76,17 @@ def one_hot(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert.unsqueeze(-1) == torch.arange(num_experts, device=expert.device)
 
 
+def expert_capacity(capacity_factor: float, num_valid: torch.Tensor, num_experts: int, min_capacity: int):
+    """Switch's capacity per expert, C = max(min_capacity, ceil(factor * T_valid / E)), for a float64 count."""
+    return torch.clamp(torch.ceil(capacity_factor * num_valid / num_experts), min=min_capacity)
+
+
 def capacity_keep(expert, valid, capacity_factor: float, min_capacity: int, num_experts: int) -> torch.Tensor:
-    """Valid tokens within their expert's capacity C = max(min_capacity, ceil(factor * T_valid / E)). Slots are
-    claimed in token order and padding claims none; C stays a tensor, so no value is read back to the host."""
+    """Valid tokens within their expert's capacity (`expert_capacity`). Slots are claimed in token order and
+    padding claims none; C stays a tensor, so no value is read back to the host."""
     claims = (one_hot(expert, num_experts) & valid.unsqueeze(1)).int()
     slot = claims.cumsum(0).gather(1, expert.unsqueeze(1)).squeeze(1)  # 1-based place in the expert's queue
-    num_valid = valid.sum(dtype=torch.float64)
-    capacity = torch.clamp(torch.ceil(capacity_factor * num_valid / num_experts), min=min_capacity)
+    capacity = expert_capacity(capacity_factor, valid.sum(dtype=torch.float64), num_experts, min_capacity)
     return valid & (slot <= capacity)
 
 

@@ -116,11 +116,10 @@ def checkpoint_name(checkpoint: Path) -> str:
 
 
 def evaluate_checkpoint(
-    checkpoint: Path, tasks: list[str], manager, batch_size: int, limit: int | None, seq_len: int | None
+    checkpoint: Path, config, tasks: list[str], manager, batch_size: int, limit: int | None, seq_len: int | None
 ) -> dict:
     import lm_eval
 
-    config = load_saved_config(checkpoint)
     params = count_parameters(config)
     results = lm_eval.simple_evaluate(
         model="hf",
@@ -204,14 +203,17 @@ def evaluate(
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise EvalError(f"--output {str(output)!r} is a file, not a directory")
+    configs = [load_saved_config(path) for path in paths]
     for path in paths:
-        load_saved_config(path)
         if not has_tokenizer(path):
             raise EvalError(f"checkpoint {str(path)!r} holds no tokenizer (tokenizer.json or tokenizer.model)")
         check_weights(path)
     manager = task_manager(include_path, offline_tasks_dir)
     check_tasks(manager, tasks)
-    rows = [evaluate_checkpoint(path, tasks, manager, batch_size, limit, seq_len) for path in paths]
+    rows = [
+        evaluate_checkpoint(path, config, tasks, manager, batch_size, limit, seq_len)
+        for path, config in zip(paths, configs, strict=True)
+    ]
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps({"tasks": tasks, "rows": rows}, indent=1, default=str))
     (output / "table.md").write_text(format_table(rows, tasks))

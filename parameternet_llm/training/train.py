@@ -9,7 +9,6 @@ line to `output_dir/metrics.jsonl`; checkpoints are accelerate states written at
 import argparse
 import errno
 import json
-import math
 import os
 import shutil
 import socket
@@ -30,7 +29,7 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 
 from ..accounting import flops_per_token
 from ..errors import InputError, user_message
-from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM
+from ..modeling_parameternet_llama import ParameterNetLlamaForCausalLM, expert_capacity
 from ..presets import is_parameternet
 from ..saved_models import check_weights, load_saved_config
 from ..upcycling import read_checkpoint_config, upcycled_model
@@ -777,7 +776,8 @@ class DropWatch:
             if self.heavy_for[linear] >= self.patience and linear not in self.warned:
                 self.warned.add(linear)
                 config, tokens = self.config, self.micro_batch_tokens
-                room = max(config.min_capacity, math.ceil(config.capacity_factor * tokens / config.num_experts))
+                count = torch.tensor(tokens, dtype=torch.float64)
+                room = int(expert_capacity(config.capacity_factor, count, config.num_experts, config.min_capacity))
                 warnings.append(
                     f"{linear} has dropped over half its tokens for {self.heavy_for[linear]} steps ({share:.0%} in "
                     f"the last {steps}): capacity_factor={config.capacity_factor} gives each of its "
